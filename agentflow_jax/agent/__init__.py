@@ -1,0 +1,1 @@
+"""agentflow_jax.agent."""

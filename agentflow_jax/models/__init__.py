@@ -1,0 +1,1 @@
+"""Model families (Qwen2 / Qwen2.5), checkpoint I/O and tokenizers."""

@@ -1,0 +1,566 @@
+"""Qwen2 / Qwen2.5 decoder-only language model in Flax NNX.
+
+Layout (matches transformers' `Qwen2ForCausalLM` numerically):
+  embed_tokens -> L x [RMSNorm -> GQA attention (q/k/v bias, RoPE) -> residual ->
+                       RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (tied or not).
+
+Decoder layers are stored stacked (every layer parameter has a leading `layers` axis) and run
+with `jax.lax.scan`, so compile time does not grow with depth. Every parameter carries
+`logical_axes` metadata (e.g. `("layers", "embed", "heads", "head_dim")`) that
+`agentflow_jax.sharding` maps onto a device mesh.
+
+Numerics: RMSNorm, RoPE, attention softmax and logits in float32; matmuls in `dtype`
+(float32 or bfloat16) with float32 accumulation for attention scores and logits.
+
+Public API:
+  model = qwen2.from_pretrained(path, dtype=jnp.float32)   # local HF directory
+  logits = model(input_ids, attention_mask=attention_mask)  # [B, T] int32 -> [B, T, V] float32
+  qwen2.save_pretrained(model, path)                        # HF layout transformers can load
+  cache = model.init_cache(batch_size, max_length)
+  logits, cache = model.forward_with_cache(input_ids, attention_mask, cache)   # prefill / decode
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from agentflow_jax import sharding
+
+Array = jax.Array
+DType = Any
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config:
+    """Architecture hyper-parameters of a Qwen2-family model (names follow the paper's models)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # defaults to hidden_size // num_heads
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Qwen2Config.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); "
+                             "set head_dim explicitly")
+        if self.dim_per_head % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.dim_per_head}")
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def num_params(self) -> int:
+        """Exact parameter count (embedding counted once when tied)."""
+        d, f, h, k, dh = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.dim_per_head
+        attn = d * h * dh + h * dh + 2 * (d * k * dh + k * dh) + h * dh * d
+        layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.vocab_size * d + self.num_layers * layer + d + head
+
+    def replace(self, **changes) -> "Qwen2Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _qwen25(hidden, inter, layers, heads, kv, tied, vocab) -> Qwen2Config:
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv, tie_word_embeddings=tied)
+
+
+PRESETS: dict[str, Qwen2Config] = {
+    "qwen2.5-0.5b": _qwen25(896, 4864, 24, 14, 2, True, 151_936),
+    "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, True, 151_936),
+    "qwen2.5-3b": _qwen25(2048, 11008, 36, 16, 2, True, 151_936),
+    "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, False, 152_064),
+    "qwen2.5-14b": _qwen25(5120, 13824, 48, 40, 8, False, 152_064),
+    "qwen2.5-32b": _qwen25(5120, 27648, 64, 40, 8, False, 152_064),
+}
+
+
+def preset(name: str) -> Qwen2Config:
+    """A named preset, e.g. "qwen2.5-7b" (the paper's backbone)."""
+    key = name.lower().replace("_", "-").replace("-instruct", "")
+    if key not in PRESETS:
+        raise KeyError(f"unknown Qwen2 preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[key]
+
+
+def from_hf_config(config: Mapping[str, Any] | str | os.PathLike) -> Qwen2Config:
+    """Builds a Qwen2Config from a transformers `config.json` (a dict, the file, or its directory).
+
+    Accepts both the transformers 4.x (`rope_theta`) and 5.x (`rope_parameters`) spellings.
+    Raises ValueError for other architectures and for features this port does not implement
+    (sliding-window attention, rope scaling).
+    """
+    if not isinstance(config, Mapping):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no config.json at {path!r}: expected a Hugging Face model directory")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    model_type = config.get("model_type")
+    if model_type != "qwen2":
+        archs = config.get("architectures")
+        raise ValueError(f"config has model_type={model_type!r} (architectures={archs}); this loader reads Qwen2 / "
+                         "Qwen2.5 checkpoints (model_type 'qwen2', Qwen2ForCausalLM) only")
+    if config.get("use_sliding_window"):
+        raise ValueError("config enables sliding-window attention (use_sliding_window=true); not supported")
+    rope = dict(config.get("rope_parameters") or {})
+    rope_scaling = config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_scaling or rope_type != "default":
+        raise ValueError(f"rope scaling {rope_scaling or rope} is not supported (only the default RoPE)")
+    theta = rope.get("rope_theta", config.get("rope_theta", 1_000_000.0))
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim")
+    if head_dim == config["hidden_size"] // heads:
+        head_dim = None
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers") if k not in config]
+    if missing:
+        raise ValueError(f"config.json lacks required keys {missing}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported (Qwen2 uses silu)")
+    return Qwen2Config(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads", heads),
+        head_dim=head_dim,
+        rope_theta=float(theta),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
+    )
+
+
+_ENDOFTEXT_ID, _IM_END_ID = 151643, 151645
+
+
+def to_hf_config(config: Qwen2Config, dtype: DType = jnp.float32) -> dict[str, Any]:
+    """The `config.json` dict transformers needs to build `Qwen2ForCausalLM` for this config."""
+    dtype_name = jnp.dtype(dtype).name
+    hf = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "attention_dropout": 0.0,
+        "torch_dtype": dtype_name,
+        "dtype": dtype_name,
+    }
+    if config.vocab_size > _IM_END_ID:  # Qwen vocabulary: record its special ids as the originals do
+        hf.update(bos_token_id=_ENDOFTEXT_ID, eos_token_id=_IM_END_ID)
+    if config.head_dim is not None:
+        hf["head_dim"] = config.head_dim
+    return hf
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+Initializer = Callable[[Array, tuple[int, ...], DType], Array]
+_normal = jax.nn.initializers.normal(0.02)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], init: Initializer, dtype: DType,
+           stack: int | None) -> nnx.Param:
+    """A parameter with logical axis names; `stack` prepends a `layers` axis of that size."""
+    if stack is not None:
+        shape, axes = (stack, *shape), ("layers", *axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
+
+
+def _ones(key, shape, dtype):
+    del key
+    return jnp.ones(shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+    del key
+    return jnp.zeros(shape, dtype)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32, returned in x's dtype."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: DType, rngs: nnx.Rngs, stack: int | None = None):
+        self.eps = eps
+        self.scale = _param(rngs, (dim,), ("norm",), _ones, param_dtype, stack)
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_angles(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+    """cos, sin of RoPE angles: positions [B, T] int -> two [B, T, head_dim // 2] float32 arrays."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates halves of x [B, T, N, D] (transformers' rotate_half convention) in float32."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention; K/V keep `num_kv_heads` heads and are never repeated in memory."""
+
+    def __init__(self, config: Qwen2Config, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+                 stack: int | None = None):
+        d, h, k, dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.dim_per_head
+        self.config, self.dtype = config, dtype
+        self.q_kernel = _param(rngs, (d, h, dh), ("embed", "heads", "head_dim"), _normal, param_dtype, stack)
+        self.q_bias = _param(rngs, (h, dh), ("heads", "head_dim"), _zeros, param_dtype, stack)
+        self.k_kernel = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), _normal, param_dtype, stack)
+        self.k_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), _zeros, param_dtype, stack)
+        self.v_kernel = _param(rngs, (d, k, dh), ("embed", "kv_heads", "head_dim"), _normal, param_dtype, stack)
+        self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), _zeros, param_dtype, stack)
+        self.o_kernel = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), _normal, param_dtype, stack)
+
+    def project_qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
+        """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied to q and k."""
+        dt = self.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
+        k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
+        v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: Array, k: Array, v: Array, allowed: Array) -> Array:
+        """Softmax attention in float32.
+
+        Args:
+          q: [B, T, H, Dh] queries.
+          k, v: [B, S, K, Dh] keys / values (K divides H).
+          allowed: [B, T, S] bool, which key each query may see.
+        Returns:
+          [B, T, D] attention output after the o projection.
+        """
+        b, t, h, dh = q.shape
+        kv = k.shape[2]
+        qg = q.reshape(b, t, kv, h // kv, dh)
+        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+        return jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(self.dtype))
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, config: Qwen2Config, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+                 stack: int | None = None):
+        d, f = config.hidden_size, config.intermediate_size
+        self.dtype = dtype
+        self.gate_kernel = _param(rngs, (d, f), ("embed", "mlp"), _normal, param_dtype, stack)
+        self.up_kernel = _param(rngs, (d, f), ("embed", "mlp"), _normal, param_dtype, stack)
+        self.down_kernel = _param(rngs, (f, d), ("mlp", "embed"), _normal, param_dtype, stack)
+
+    def __call__(self, x: Array) -> Array:
+        dt = self.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(dt))
+        hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return jnp.einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm transformer block. Built with `stack=L` it holds all L layers' parameters."""
+
+    def __init__(self, config: Qwen2Config, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs,
+                 stack: int | None = None):
+        kw = dict(param_dtype=param_dtype, rngs=rngs, stack=stack)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.attn = Attention(config, dtype=dtype, **kw)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = MLP(config, dtype=dtype, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys/values of all layers for a batch of sequences sharing one write index.
+
+    Slots are filled left to right; padding slots stay in the cache but are marked invalid, so
+    left-padded prompts of different lengths share one decode index.
+
+    Attributes:
+      k, v: [L, B, S, K, Dh] cached keys / values (RoPE already applied to k).
+      valid: [B, S] bool, slot holds a real token.
+      next_position: [B] int32, RoPE position of each row's next real token (= real tokens so far).
+      index: [] int32, next slot to write (same for every row).
+    """
+
+    k: Array
+    v: Array
+    valid: Array
+    next_position: Array
+    index: Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+    def repeat(self, n: int) -> "KVCache":
+        """Each row repeated n times in place (row i -> rows i*n .. i*n+n-1): one prefill, n samples."""
+        rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
+        return KVCache(rep(self.k, 1), rep(self.v, 1), rep(self.valid, 0), rep(self.next_position, 0), self.index)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+
+class Qwen2ForCausalLM(nnx.Module):
+    """Qwen2 causal LM.
+
+    Args:
+      config: architecture.
+      dtype: compute dtype of activations and matmuls (float32 or bfloat16).
+      param_dtype: storage dtype of parameters.
+      remat: recompute each layer's activations in the backward pass (saves memory in training).
+      rngs: random streams for initialisation (weights are N(0, 0.02), biases 0, norms 1).
+    """
+
+    def __init__(self, config: Qwen2Config, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
+                 remat: bool = False, rngs: nnx.Rngs):
+        self.config, self.dtype, self.remat = config, dtype, remat
+        d, v = config.hidden_size, config.vocab_size
+        self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), _normal, param_dtype, None)
+        self.layers = DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=config.num_layers)
+        self.final_norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else _param(
+            rngs, (d, v), ("embed", "vocab"), _normal, param_dtype, None)
+
+    # -- full-sequence forward ------------------------------------------------------------------
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None,
+                 positions: Array | None = None) -> Array:
+        """Logits of every position.
+
+        Args:
+          input_ids: [B, T] int32 token ids.
+          attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right); None = all real.
+          positions: [B, T] int32 RoPE positions; default counts real tokens only (as transformers'
+            generate does), so a left-padded row gets the same positions as the unpadded one.
+        Returns:
+          [B, T, V] float32 logits. Values at padding positions are unspecified.
+        """
+        return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
+
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
+                      positions: Array | None = None) -> Array:
+        """Final-norm hidden states [B, T, D] in `dtype` (the input of the LM head)."""
+        input_ids, mask = _check_inputs(input_ids, attention_mask)
+        if positions is None:
+            positions = positions_from_mask(mask)
+        t = input_ids.shape[1]
+        slots = jnp.arange(t)
+        allowed = mask[:, None, :] & (slots[None, :, None] >= slots[None, None, :])  # [B, T, T]
+        x = self._embed(input_ids)
+        cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
+
+        def layer_fn(layer: DecoderLayer, x: Array) -> Array:
+            h = layer.input_norm(x)
+            q, k, v = layer.attn.project_qkv(h, cos, sin)
+            x = x + layer.attn.attend(q, k, v, allowed)
+            return x + layer.mlp(layer.post_attn_norm(x))
+
+        x = self._scan_layers(layer_fn, x)
+        return self.final_norm(x)
+
+    def logits_from_hidden(self, hidden: Array) -> Array:
+        """LM head: hidden [..., D] -> float32 logits [..., V] (float32 accumulation)."""
+        if self.lm_head is None:
+            kernel = self.embed_tokens[...].astype(self.dtype).T
+        else:
+            kernel = self.lm_head[...].astype(self.dtype)
+        return jnp.einsum("...d,dv->...v", hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+
+    # -- cached forward (prefill and decode) ----------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: DType | None = None) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated)."""
+        c = self.config
+        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.dim_per_head)
+        dtype = dtype or self.dtype
+        return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                       valid=jnp.zeros((batch_size, max_length), bool),
+                       next_position=jnp.zeros((batch_size,), jnp.int32), index=jnp.zeros((), jnp.int32))
+
+    def forward_with_cache(self, input_ids: Array, attention_mask: Array | None,
+                           cache: KVCache) -> tuple[Array, KVCache]:
+        """Appends T tokens per row to the cache and returns their logits.
+
+        Used for prefill (T = padded prompt length) and for each decode step (T = 1). Tokens with
+        mask 0 occupy a slot but are invisible to every query and do not advance positions.
+
+        Args:
+          input_ids: [B, T] int32.
+          attention_mask: [B, T] (1 real, 0 padding) or None.
+          cache: from `init_cache` or a previous call; the caller keeps index + T <= max_length.
+        Returns:
+          ([B, T, V] float32 logits, updated cache).
+        """
+        input_ids, mask = _check_inputs(input_ids, attention_mask)
+        t, s = input_ids.shape[1], cache.max_length
+        positions = cache.next_position[:, None] + positions_from_mask(mask)
+        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+        query_slots = cache.index + jnp.arange(t)
+        allowed = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+        x = self._embed(input_ids)
+        cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
+        index = cache.index
+
+        def layer_fn(layer: DecoderLayer, carry):
+            x, k_all, v_all, layer_idx = carry
+            h = layer.input_norm(x)
+            q, k, v = layer.attn.project_qkv(h, cos, sin)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer_idx, 0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer_idx, 0, index, 0, 0))
+            k_layer = jax.lax.dynamic_index_in_dim(k_all, layer_idx, keepdims=False).astype(self.dtype)
+            v_layer = jax.lax.dynamic_index_in_dim(v_all, layer_idx, keepdims=False).astype(self.dtype)
+            x = x + layer.attn.attend(q, k_layer, v_layer, allowed)
+            x = x + layer.mlp(layer.post_attn_norm(x))
+            return x, k_all, v_all, layer_idx + 1
+
+        x, k_all, v_all, _ = self._scan_layers(layer_fn, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)))
+        new_cache = KVCache(k=k_all, v=v_all, valid=valid,
+                            next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32), index=index + t)
+        return self.logits_from_hidden(self.final_norm(x)), new_cache
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _embed(self, input_ids: Array) -> Array:
+        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
+        return sharding.constrain(x, ("batch", "length", "embed"))
+
+    def _scan_layers(self, layer_fn: Callable[[DecoderLayer, Any], Any], carry: Any) -> Any:
+        """Runs layer_fn(layer_i, carry) -> carry for i = 0..L-1 under one lax.scan."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def body(carry, layer_state):
+            out = layer_fn(nnx.merge(graphdef, layer_state), carry)
+            if isinstance(out, tuple):
+                return (sharding.constrain(out[0], ("batch", "length", "embed")), *out[1:]), None
+            return sharding.constrain(out, ("batch", "length", "embed")), None
+
+        if self.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        return jax.lax.scan(body, carry, stacked)[0]
+
+
+def positions_from_mask(mask: Array) -> Array:
+    """RoPE positions counting real tokens only: mask [B, T] bool -> [B, T] int32 (0 at leading pads)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
+
+
+def _check_inputs(input_ids: Array, attention_mask: Array | None) -> tuple[Array, Array]:
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+    if attention_mask is None:
+        return input_ids, jnp.ones(input_ids.shape, bool)
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}")
+    return input_ids, attention_mask.astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction and checkpoint entry points
+# ----------------------------------------------------------------------------------------------
+
+
+def init_random(config: Qwen2Config, *, seed: int = 0, dtype: DType = jnp.float32,
+                param_dtype: DType | None = None, remat: bool = False) -> Qwen2ForCausalLM:
+    """A randomly initialised model (tests, toy models)."""
+    return Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+                            rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: Qwen2Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
+                   remat: bool = False) -> Qwen2ForCausalLM:
+    """The model with ShapeDtypeStruct placeholders instead of arrays (no memory, no compute)."""
+    return nnx.eval_shape(lambda: init_random(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
+                    mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
+                    remat: bool = False) -> Qwen2ForCausalLM:
+    """Loads a local Hugging Face Qwen2 directory (config.json + *.safetensors).
+
+    Args:
+      path: the directory.
+      dtype: compute dtype; param_dtype defaults to it.
+      mesh: when given, every parameter is placed straight into its sharding on this mesh
+        (according to `rules`, default `sharding.TRAINING_RULES`), never assembled on one device.
+    """
+    from agentflow_jax.models import hf_io
+
+    return hf_io.load(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, remat=remat)
+
+
+def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike, *, dtype: DType | None = None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers loads."""
+    from agentflow_jax.models import hf_io
+
+    hf_io.save(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes)
