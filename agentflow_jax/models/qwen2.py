@@ -212,6 +212,11 @@ def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], init: 
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=axes)
 
 
+def _einsum(equation: str, x: Array, w: Array, out_dtype: DType) -> Array:
+    """einsum with float32 accumulation, result cast to out_dtype (bf16 x bf16 -> f32 acc is XLA's fast path)."""
+    return jnp.einsum(equation, x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
 def _ones(key, shape, dtype):
     del key
     return jnp.ones(shape, dtype)
@@ -269,9 +274,9 @@ class Attention(nnx.Module):
     def project_qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
         """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied to q and k."""
         dt = self.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt)) + self.q_bias[...].astype(dt)
-        k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt)) + self.k_bias[...].astype(dt)
-        v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt)) + self.v_bias[...].astype(dt)
+        q = _einsum("btd,dhk->bthk", x, self.q_kernel[...].astype(dt), dt) + self.q_bias[...].astype(dt)
+        k = _einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt), dt) + self.k_bias[...].astype(dt)
+        v = _einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt), dt) + self.v_bias[...].astype(dt)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: Array, k: Array, v: Array, allowed: Array) -> Array:
@@ -290,8 +295,8 @@ class Attention(nnx.Module):
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
-        return jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(self.dtype))
+        out = _einsum("bkgts,bskd->btkgd", probs, v, v.dtype).reshape(b, t, h, dh)
+        return _einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(self.dtype), self.dtype)
 
 
 class MLP(nnx.Module):
@@ -307,10 +312,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dt = self.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x, self.up_kernel[...].astype(dt))
+        gate = _einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt), dt)
+        up = _einsum("btd,df->btf", x, self.up_kernel[...].astype(dt), dt)
         hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return jnp.einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(dt))
+        return _einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(dt), dt)
 
 
 class DecoderLayer(nnx.Module):
@@ -430,7 +435,7 @@ class Qwen2ForCausalLM(nnx.Module):
             kernel = self.embed_tokens[...].astype(self.dtype).T
         else:
             kernel = self.lm_head[...].astype(self.dtype)
-        return jnp.einsum("...d,dv->...v", hidden.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        return _einsum("...d,dv->...v", hidden.astype(self.dtype), kernel, jnp.float32)
 
     # -- cached forward (prefill and decode) ----------------------------------------------------
 
@@ -457,6 +462,16 @@ class Qwen2ForCausalLM(nnx.Module):
         Returns:
           ([B, T, V] float32 logits, updated cache).
         """
+        hidden, cache = self.hidden_states_with_cache(input_ids, attention_mask, cache)
+        return self.logits_from_hidden(hidden), cache
+
+    def hidden_states_with_cache(self, input_ids: Array, attention_mask: Array | None,
+                                 cache: KVCache) -> tuple[Array, KVCache]:
+        """`forward_with_cache` without the LM head: ([B, T, D] final-norm hidden states, cache).
+
+        A prefill needs logits of the last position only; applying the LM head to that slice
+        avoids materialising [B, T, V] logits.
+        """
         input_ids, mask = _check_inputs(input_ids, attention_mask)
         t, s = input_ids.shape[1], cache.max_length
         positions = cache.next_position[:, None] + positions_from_mask(mask)
@@ -482,7 +497,7 @@ class Qwen2ForCausalLM(nnx.Module):
         x, k_all, v_all, _ = self._scan_layers(layer_fn, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)))
         new_cache = KVCache(k=k_all, v=v_all, valid=valid,
                             next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32), index=index + t)
-        return self.logits_from_hidden(self.final_norm(x)), new_cache
+        return self.final_norm(x), new_cache
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""Forward throughput (tokens/s) of our float32 Qwen2 vs transformers' PyTorch model, same weights.
+
+Batch 8 x 256 tokens on the ~40M-parameter benchmark config, both on the CPU in one process.
+
+    python experiments/benchmarks/forward_bench.py [--batch 8 --length 256 --repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from agentflow_jax.models import qwen2
+from common import BENCH_CONFIG, machine_summary, median_seconds
+
+
+def hf_config(cfg: dict) -> transformers.Qwen2Config:
+    return transformers.Qwen2Config(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_layers"], num_attention_heads=cfg["num_heads"],
+        num_key_value_heads=cfg["num_kv_heads"], tie_word_embeddings=cfg["tie_word_embeddings"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(hf_config(BENCH_CONFIG)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = qwen2.from_pretrained(tmp)
+        ours_bf16 = qwen2.from_pretrained(tmp, dtype=jnp.bfloat16)
+
+    ids = np.random.RandomState(0).randint(0, BENCH_CONFIG["vocab_size"], (args.batch, args.length))
+    ids_jax, ids_torch = jnp.asarray(ids, jnp.int32), torch.from_numpy(ids)
+
+    def jax_runner(model):
+        graphdef, state = nnx.split(model)
+        forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
+        return lambda: forward(state, ids_jax).block_until_ready()
+
+    def run_hf():
+        with torch.inference_mode():
+            hf(input_ids=ids_torch, use_cache=False)
+
+    tokens = args.batch * args.length
+    t_ours = median_seconds(jax_runner(ours), repeats=args.repeats)
+    t_bf16 = median_seconds(jax_runner(ours_bf16), repeats=args.repeats)
+    t_hf = median_seconds(run_hf, repeats=args.repeats)
+    print(f"machine: {machine_summary()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"model: {qwen2.Qwen2Config(**BENCH_CONFIG).num_params / 1e6:.1f}M params, float32, batch "
+          f"{args.batch} x {args.length} tokens")
+    print(f"ours (JAX):          {tokens / t_ours:10.0f} tokens/s  ({t_ours * 1e3:.1f} ms)")
+    print(f"transformers (torch): {tokens / t_hf:10.0f} tokens/s  ({t_hf * 1e3:.1f} ms)")
+    print(f"ratio ours / transformers (both float32): {t_hf / t_ours:.2f}")
+    print(f"ours in bfloat16 (params and compute):   {tokens / t_bf16:10.0f} tokens/s, "
+          f"ratio to transformers float32: {t_hf / t_bf16:.2f}")
+
+
+if __name__ == "__main__":
+    main()
