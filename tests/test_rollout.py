@@ -1,0 +1,202 @@
+"""Batched rollouts with a scripted engine: every path of the loop, and batched == one at a time."""
+
+import dataclasses
+import json
+import re
+import time
+
+import pytest
+
+from agentflow_jax.agent import prompts
+from agentflow_jax.agent.engines import GenerationRequest, ScriptedEngine
+from agentflow_jax.agent.rollout import RolloutConfig, rollout_batch
+from agentflow_jax.tools.base import Tool, ToolArgument, Toolbox, ToolMetadata
+
+
+class EchoTool(Tool):
+    metadata = ToolMetadata(name="Echo_Tool", description="Upper-cases text.",
+                            inputs=(ToolArgument("text", "str", "text to echo"),), output_type="str")
+
+    def run(self, text):
+        return text.upper()
+
+
+class FailTool(Tool):
+    metadata = ToolMetadata(name="Fail_Tool", description="Always fails.",
+                            inputs=(ToolArgument("text", "str", "anything"),), output_type="str")
+
+    def run(self, text):
+        raise RuntimeError(f"boom on {text}")
+
+
+class SlowTool(Tool):
+    metadata = ToolMetadata(name="Slow_Tool", description="Sleeps.",
+                            inputs=(ToolArgument("text", "str", "anything"),), output_type="str")
+
+    def run(self, text):
+        time.sleep(1.0)
+        return "late"
+
+
+def toolbox():
+    return Toolbox([EchoTool(), FailTool(), SlowTool()], call_timeout_s=0.3)
+
+
+def _user(request: GenerationRequest) -> str:
+    return request.messages[-1]["content"]
+
+
+def _scenario(request: GenerationRequest) -> str:
+    return re.search(r"Query: (\w+)", _user(request)).group(1)
+
+
+def planner_reply(request: GenerationRequest) -> str:
+    scenario = _scenario(request)
+    step = int(re.search(r"Plan step (\d+)", _user(request)).group(1))
+    tool = {"exception": "fail tool", "timeout": "SLOW_TOOL"}.get(scenario, "echo_tool")
+    if scenario == "json":
+        return json.dumps({"justification": "j", "context": "c", "sub_goal": f"json step {step}",
+                           "tool_name": "Echo Tool"})
+    if scenario == "unknown":
+        return "Justification: j\nContext: c\nSub-Goal: fly\nTool Name: Teleport_Tool"
+    if scenario == "garbage":
+        return "I think we should do something."
+    return f"Justification: j\nContext: c\nSub-Goal: {scenario} step {step}\nTool Name: **{tool}**"
+
+
+def frozen_reply(request: GenerationRequest) -> str:
+    system = request.messages[0]["content"]
+    scenario = _scenario(request)
+    if system == prompts.QUERY_ANALYSIS_SYSTEM:
+        return f"analysis of {scenario}"
+    if system == prompts.EXECUTOR_SYSTEM:
+        tool = re.search(r'"tool_name": "(\w+)"', _user(request)).group(1)
+        sub_goal = re.search(r"Sub-goal: (.*)", _user(request)).group(1)
+        args = {"txt": "x"} if scenario == "badargs" else {"text": sub_goal}
+        return f"```json\n{json.dumps({'tool_name': tool, 'arguments': args})}\n```"
+    if system == prompts.VERIFIER_SYSTEM:
+        stop = scenario not in ("continue", "timelimit")
+        return f"Looks {'done' if stop else 'incomplete'}.\nConclusion: {'STOP' if stop else 'CONTINUE'}"
+    if system == prompts.GENERATOR_SYSTEM:
+        steps = _user(request).count("Step ")
+        return f"Done after {steps} steps.\n<answer>{scenario}-{steps}</answer>"
+    raise AssertionError(f"unexpected system prompt {system!r}")
+
+
+def engines():
+    return ScriptedEngine(planner_reply), ScriptedEngine(frozen_reply)
+
+
+def run(queries, n=1, config=RolloutConfig(), **kw):
+    planner, frozen = engines()
+    return rollout_batch(queries, n=n, planner=planner, frozen=frozen, toolbox=toolbox(), config=config, **kw)
+
+
+def test_valid_step_runs_tool_and_stops_on_verifier():
+    (traj,) = run(["valid"])
+    assert traj.stop_reason == "verifier" and len(traj.turns) == 1
+    turn = traj.turns[0]
+    assert turn.planner.step.tool_name == "Echo_Tool" and turn.planner.step.sub_goal == "valid step 1"
+    assert turn.command.arguments == {"text": "valid step 1"}
+    assert turn.result.ok and turn.result.output == "VALID STEP 1"
+    assert traj.memory.query_analysis == "analysis of valid"
+    assert traj.memory.turns[0].verdict == "STOP"
+    assert traj.answer == "valid-1"
+
+
+def test_json_planner_step():
+    (traj,) = run(["json"])
+    assert traj.turns[0].planner.step.tool_name == "Echo_Tool"
+    assert traj.turns[0].result.output == "JSON STEP 1"
+
+
+def test_unknown_tool_is_recorded_and_turn_goes_on():
+    (traj,) = run(["unknown"])
+    turn = traj.turns[0]
+    assert turn.executor_text is None and turn.command is None
+    assert not turn.result.ok and "unknown tool 'Teleport_Tool'" in turn.result.error
+    assert traj.memory.turns[0].tool_name == "Teleport_Tool"
+    assert "Error: planner output unusable" in traj.memory.turns[0].result
+
+
+def test_unparsable_planner_output():
+    (traj,) = run(["garbage"])
+    assert not traj.turns[0].result.ok and "unparsable planner output" in traj.turns[0].result.error
+    assert traj.answer == "garbage-1"
+
+
+def test_executor_arguments_failing_schema():
+    (traj,) = run(["badargs"])
+    result = traj.turns[0].result
+    assert not result.ok and "unknown argument(s) ['txt']" in result.error
+
+
+def test_continue_until_turn_limit():
+    (traj,) = run(["continue"], config=RolloutConfig(max_turns=3))
+    assert traj.stop_reason == "max_turns" and len(traj.turns) == 3
+    assert [t.verdict for t in traj.memory.turns] == ["CONTINUE"] * 3
+    assert [t.planner.step.sub_goal for t in traj.turns] == [f"continue step {i}" for i in (1, 2, 3)]
+    assert traj.answer == "continue-3"
+
+
+def test_time_limit_stops_loop_and_generator_still_runs():
+    ticks = iter(range(0, 10_000, 100))  # each clock read advances 100 s
+    (traj,) = run(["timelimit"], config=RolloutConfig(max_turns=10, max_time_s=250), clock=lambda: next(ticks))
+    assert traj.stop_reason == "time_limit"
+    assert len(traj.turns) == 3  # reads at 100, 200 (< 250), then 300 >= 250
+    assert traj.answer == "timelimit-3"
+
+
+def test_tool_exception_becomes_result():
+    (traj,) = run(["exception"])
+    result = traj.turns[0].result
+    assert not result.ok and result.error == "RuntimeError: boom on exception step 1"
+
+
+def test_tool_timeout_becomes_result():
+    start = time.monotonic()
+    (traj,) = run(["timeout"])
+    assert time.monotonic() - start < 0.9
+    assert not traj.turns[0].result.ok and "timed out after 0.3 s" in traj.turns[0].result.error
+
+
+def test_batched_rollout_equals_one_at_a_time():
+    scenarios = ["valid", "json", "unknown", "garbage", "badargs", "continue", "exception", "valid"]
+    queries = [scenarios[i % len(scenarios)] + f" number {i}" for i in range(32)]
+    planner, frozen = (BatchCounter(e) for e in engines())
+    batched = rollout_batch(queries, n=4, planner=planner, frozen=frozen, toolbox=toolbox())
+    assert len(batched) == 128
+    assert [(t.query_id, t.sample_id) for t in batched] == [(q, s) for q in range(32) for s in range(4)]
+
+    def comparable(traj, query_id):
+        return dataclasses.replace(traj, query_id=query_id, elapsed_s=0.0,
+                                   turns=tuple(dataclasses.replace(
+                                       t, result=dataclasses.replace(t.result, elapsed_s=0.0)) for t in traj.turns))
+
+    for q, query in enumerate(queries):
+        alone = run([query], n=4)
+        for s in range(4):
+            assert comparable(batched[q * 4 + s], q) == comparable(alone[s], q)
+    # One batched call per module per turn; finished trajectories drop out of later batches.
+    active_per_turn = [sum(len(t.turns) > k for t in batched) for k in range(3)]
+    assert planner.batch_sizes == active_per_turn == [128, 16, 16]
+    assert len(frozen.batch_sizes) == 1 + 2 * 3 + 1  # analysis, (executor + verifier) x 3, generator
+    assert frozen.batch_sizes[0] == 32  # analysis once per query, shared by its samples
+
+
+class BatchCounter:
+    """Wraps an engine and records the size of every batched call."""
+
+    def __init__(self, engine):
+        self.engine, self.batch_sizes = engine, []
+
+    def generate(self, requests):
+        self.batch_sizes.append(len(requests))
+        return self.engine.generate(requests)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n must be"):
+        run(["valid"], n=0)
+    with pytest.raises(ValueError, match="max_turns"):
+        RolloutConfig(max_turns=0)
