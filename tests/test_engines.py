@@ -269,7 +269,8 @@ def test_engine_from_spec_openai():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("jax:/tmp/ckpt", "unknown engine spec 'jax:/tmp/ckpt'"),
+    ("vllm:/tmp/ckpt", "unknown engine spec 'vllm:/tmp/ckpt'"),
+    ("jax:", "needs 'jax:DIR'"),
     ("http://127.0.0.1:8000/v1", "unknown engine spec"),
     ("openai:http://127.0.0.1:8000/v1", "needs 'openai:URL,MODEL'"),
     ("openai:http://127.0.0.1:8000/v1,", "needs 'openai:URL,MODEL'"),

@@ -262,8 +262,17 @@ def _openai_engine_from_spec(rest: str, options: Mapping[str, Any]) -> Engine:
     return OpenAIChatEngine(base_url.strip(), model.strip(), **options)
 
 
+def _jax_engine_from_spec(rest: str, options: Mapping[str, Any]) -> Engine:
+    from agentflow_jax.agent.jax_engine import JaxEngine  # imports JAX only when asked for
+
+    if not rest.strip():
+        raise ValueError("jax engine spec needs 'jax:DIR' (a local HF-format Qwen2 directory)")
+    return JaxEngine.from_directory(rest.strip(), **options)
+
+
 ENGINE_SPEC_PARSERS: dict[str, Callable[[str, Mapping[str, Any]], Engine]] = {
     "openai": _openai_engine_from_spec,
+    "jax": _jax_engine_from_spec,
 }
 
 
