@@ -1,0 +1,76 @@
+"""Per-token log-probs (and entropies) of given targets without materialising [B, T, V] logits.
+
+The backbone runs once to final hidden states [B, T, D]; the LM head, log-softmax and target
+gather then run over chunks of C positions under `lax.map`, each chunk wrapped in
+`jax.checkpoint`. Only a [B, C, V] float32 block of logits exists at any time, in the forward
+pass and in the backward pass (which recomputes each chunk's logits from its hidden states).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LMHead = Callable[[Array], Array]
+"""hidden [..., D] -> float32 logits [..., V]."""
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attention_mask: Array, targets: Array, *,
+                   temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   with_entropy: bool = False) -> tuple[Array, Array | None]:
+    """log softmax(logits / temperature)[target] at every position of a causal LM (e.g. Qwen2ForCausalLM).
+
+    Args:
+      graphdef, params: `nnx.split(model)` of a model with `hidden_states` and `logits_from_hidden`.
+      input_ids: [B, T] int32 token ids.
+      attention_mask: [B, T], 1 on real tokens.
+      targets: [B, T] int32, the token whose log-prob is wanted at each position (next token).
+      temperature: logits are divided by it, as the sampler does before reporting log-probs.
+      chunk_size: positions per LM-head chunk; T is padded internally to a multiple of it.
+      with_entropy: also return the entropy of softmax(logits / temperature) at each position.
+    Returns:
+      (logp [B, T] float32, entropy [B, T] float32 or None). Values at padding positions are
+      finite but meaningless; mask them.
+    """
+    model = nnx.merge(graphdef, params)
+    hidden = model.hidden_states(input_ids, attention_mask)
+    return logprobs_from_hidden(model.logits_from_hidden, hidden, targets, temperature=temperature,
+                                chunk_size=chunk_size, with_entropy=with_entropy)
+
+
+def logprobs_from_hidden(lm_head: LMHead, hidden: Array, targets: Array, *, temperature: float = 1.0,
+                         chunk_size: int = DEFAULT_CHUNK_SIZE,
+                         with_entropy: bool = False) -> tuple[Array, Array | None]:
+    """Chunked LM head + log-softmax + gather: hidden [B, T, D], targets [B, T] -> ([B, T], [B, T] | None)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    batch, length = targets.shape
+    chunk = min(chunk_size, length)
+    num_chunks = -(-length // chunk)
+    pad = num_chunks * chunk - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)  # [N, B, C, D]
+    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)  # [N, B, C]
+
+    @jax.checkpoint
+    def chunk_logprobs(hidden_chunk: Array, target_chunk: Array) -> tuple[Array, Array]:
+        logits = lm_head(hidden_chunk).astype(jnp.float32) / temperature  # [B, C, V]
+        log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+        target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
+        if not with_entropy:
+            return target_logits - log_normaliser, jnp.zeros_like(log_normaliser)
+        entropy = log_normaliser - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+        return target_logits - log_normaliser, entropy
+
+    logp, entropy = jax.lax.map(lambda xs: chunk_logprobs(*xs), (hidden_chunks, target_chunks))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]  # noqa: E731
+    return unchunk(logp), unchunk(entropy) if with_entropy else None
