@@ -1,0 +1,205 @@
+"""Grain input pipeline for training queries.
+
+A training query is a plain dict `{"pid": str, "query": str, "answer": str, "kind": str}`:
+`kind` names the scorer (e.g. "exact" for search QA, "math"). Sources are JSON-lines files or
+lists of dicts with `query` (or `question`), `answer` (a string, a number, or a list joined with
+"; " as in SPEC section 3), and optional `pid` (or `id`) and `kind`. Rows without an answer or a
+query are skipped and counted, never silently dropped.
+
+The iterator is built on grain's `MapDataset`: every process takes its own shard, shuffles it
+with the seed (a new order each epoch), repeats, and yields lists of records (queries are
+strings, so nothing is stacked). Its `get_state()`/`set_state()` restore the exact position,
+so a resumed run sees exactly the batches an uninterrupted one would have seen; save it with
+`agentflow_jax.checkpoint.TrainCheckpointer` (`data_iterator=`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import grain
+import jax
+
+_log = logging.getLogger(__name__)
+
+QueryRecord = dict[str, str]
+
+ANSWER_SEPARATOR = "; "
+# Records live in memory: reading them in threads would only add GIL contention.
+_IN_MEMORY_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class QueryDataset:
+    """Normalised training queries plus the number of source rows that were skipped."""
+
+    records: tuple[QueryRecord, ...]
+    skipped_without_answer: int = 0
+    skipped_without_query: int = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and normalising
+# ----------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (blank lines ignored)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg}); "
+                                 "each line must hold one JSON object") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_number} holds a {type(row).__name__}, not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def normalize_answer(answer: Any) -> str:
+    """The gold answer as one string: lists are joined with "; ", empty parts dropped."""
+    if answer is None:
+        return ""
+    if isinstance(answer, (list, tuple)):
+        parts = (normalize_answer(part) for part in answer)
+        return ANSWER_SEPARATOR.join(part for part in parts if part)
+    return str(answer).strip()
+
+
+def _query_text(row: Mapping[str, Any]) -> str:
+    query = row.get("query")
+    if query is None or not str(query).strip():
+        query = row.get("question")
+    return "" if query is None else str(query).strip()
+
+
+def _pid(row: Mapping[str, Any], row_index: int, pid_prefix: str) -> str:
+    pid = row.get("pid", row.get("id"))
+    return f"{pid_prefix}{row_index}" if pid is None or str(pid) == "" else f"{pid_prefix}{pid}"
+
+
+def load_queries(source: str | os.PathLike | Iterable[Mapping[str, Any]], *,
+                 default_kind: str = "exact", pid_prefix: str = "") -> QueryDataset:
+    """Reads and normalises training queries from a JSON-lines path or an iterable of dicts.
+
+    Args:
+      source: a `.jsonl` path, or dicts with `query`/`question`, `answer`, optional `pid`/`id`
+        and `kind`.
+      default_kind: scorer kind for rows without `kind`.
+      pid_prefix: prepended to every pid (row number when the row has none), so that sources
+        mixed together keep distinct pids.
+
+    Rows whose answer is missing or empty, or whose query is missing or empty, are skipped; the
+    counts are in the result and logged.
+    """
+    rows = read_jsonl(source) if isinstance(source, (str, os.PathLike)) else list(source)
+    records: list[QueryRecord] = []
+    without_answer = without_query = 0
+    for row_index, row in enumerate(rows):
+        answer = normalize_answer(row.get("answer"))
+        query = _query_text(row)
+        if not answer:
+            without_answer += 1
+        elif not query:
+            without_query += 1
+        else:
+            records.append({"pid": _pid(row, row_index, pid_prefix), "query": query, "answer": answer,
+                            "kind": str(row.get("kind") or default_kind)})
+    if without_answer or without_query:
+        _log.warning("training queries from %s: kept %d rows, skipped %d without an answer and %d "
+                     "without a query", _describe(source), len(records), without_answer, without_query)
+    return QueryDataset(tuple(records), without_answer, without_query)
+
+
+def concatenate_queries(datasets: Sequence[QueryDataset]) -> QueryDataset:
+    """Several query sets as one (e.g. NQ search + DeepMath math; the iterator shuffles them together).
+
+    Raises ValueError when two records share a pid: load the sources with different `pid_prefix`.
+    """
+    records = tuple(record for dataset in datasets for record in dataset.records)
+    seen: set[str] = set()
+    for record in records:
+        if record["pid"] in seen:
+            raise ValueError(f"pid {record['pid']!r} occurs in more than one record; load each source "
+                             "with its own pid_prefix (e.g. 'nq-', 'math-') so pids stay unique")
+        seen.add(record["pid"])
+    return QueryDataset(records,
+                        sum(d.skipped_without_answer for d in datasets),
+                        sum(d.skipped_without_query for d in datasets))
+
+
+def _describe(source: Any) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "records in memory"
+
+
+# ----------------------------------------------------------------------------------------------
+# The grain iterator
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_dataset(records: Sequence[QueryRecord], shard_index: int, shard_count: int) -> grain.MapDataset:
+    """This process's shard: records `shard_index, shard_index + shard_count, ...`.
+
+    Every shard gets the same number of records (the last `len % shard_count` records are left
+    out), so all processes run the same number of steps per epoch.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    usable = len(records) - len(records) % shard_count
+    if usable == 0:
+        raise ValueError(f"{len(records)} training queries cannot feed {shard_count} shards; "
+                         "add data or run on fewer processes")
+    if usable < len(records):
+        _log.info("leaving out the last %d of %d queries so %d shards are equal",
+                  len(records) - usable, len(records), shard_count)
+    return grain.MapDataset.source(list(records))[shard_index:usable:shard_count]
+
+
+def _copy_batch(records: Sequence[QueryRecord]) -> list[QueryRecord]:
+    return [dict(record) for record in records]
+
+
+def make_query_iterator(source: QueryDataset | str | os.PathLike | Iterable[Mapping[str, Any]], *,
+                        batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
+                        shard_index: int | None = None, shard_count: int | None = None,
+                        drop_remainder: bool = False) -> grain.DatasetIterator:
+    """A checkpointable iterator over batches (lists) of training-query dicts.
+
+    Args:
+      source: a `QueryDataset`, or anything `load_queries` reads.
+      batch_size: records per batch on this process.
+      seed: shuffle seed (use the same seed on every process); each epoch is shuffled anew.
+      shuffle: False keeps source order (evaluation, debugging).
+      num_epochs: None repeats forever; batches run across epoch boundaries either way.
+      shard_index, shard_count: this process's shard; default `jax.process_index()` and
+        `jax.process_count()`.
+      drop_remainder: drop a final short batch (only matters when `num_epochs` is finite).
+
+    Returns:
+      A grain `DatasetIterator`; `get_state()` is a JSON-serialisable dict and `set_state()` on a
+      freshly built iterator with the same arguments resumes exactly.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None (repeat forever), got {num_epochs}")
+    dataset = source if isinstance(source, QueryDataset) else load_queries(source)
+    shard_index = jax.process_index() if shard_index is None else shard_index
+    shard_count = jax.process_count() if shard_count is None else shard_count
+    queries = shard_dataset(dataset.records, shard_index, shard_count)
+    if shuffle:
+        queries = queries.shuffle(seed=seed)
+    queries = queries.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder, batch_fn=_copy_batch)
+    return iter(queries.to_iter_dataset(_IN_MEMORY_READ))
