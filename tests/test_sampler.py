@@ -1,0 +1,209 @@
+"""Sampler against transformers (greedy generate, log-probs, nucleus), determinism, stops, errors,
+and compile-once-per-bucket."""
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+import torch
+
+from agentflow_jax.models import qwen2
+from agentflow_jax.sampling import Sampler
+from hf_reference import make_hf_model
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+# Larger init than the default 0.02 so next-token distributions are peaked enough that greedy
+# argmax has no near-ties, yet broad enough that top-p keeps several tokens.
+INIT_STD = 0.1
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3]]
+
+
+def _load_pair(tmp_path_factory, name: str, seed: int, tied: bool):
+    hf = make_hf_model(seed, init_std=INIT_STD, tie_word_embeddings=tied, **TINY)
+    path = tmp_path_factory.mktemp(name)
+    hf.save_pretrained(path)
+    return hf, qwen2.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(transformers model, our model) with the same random weights."""
+    return _load_pair(tmp_path_factory, "untied", seed=0, tied=False)
+
+
+@pytest.fixture(scope="module")
+def sampler(pair):
+    return Sampler(pair[1], max_cache_length=128)
+
+
+def _hf_log_softmax(hf, sequence: list[int], temperature: float = 1.0) -> np.ndarray:
+    """[len(sequence), V] float64 log_softmax(logits / T) of an unpadded sequence under transformers."""
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([sequence])).logits[0].double().numpy()
+    scaled = logits / temperature
+    return scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) - scaled.max(
+        -1, keepdims=True)
+
+
+def _hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
+    """transformers generate(do_sample=False) with left padding: [len(prompts), max_new_tokens]."""
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = prompt
+        mask[row, width - len(prompt):] = 1
+    with torch.no_grad():
+        out = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=max_new_tokens,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[:, width:].numpy()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_greedy_matches_transformers_generate(tmp_path_factory, pair, sampler, tied):
+    hf, model = pair if not tied else _load_pair(tmp_path_factory, "tied", seed=1, tied=True)
+    ours = (sampler if not tied else Sampler(model, max_cache_length=128)).generate(
+        PROMPTS, max_new_tokens=40, temperature=0.0)
+    np.testing.assert_array_equal(np.array(ours.tokens), _hf_greedy(hf, PROMPTS, 40))
+    assert ours.finish_reason == ["length"] * 3
+    for prompt, tokens, log_probs in zip(PROMPTS, ours.tokens, ours.logprobs):
+        reference = _hf_log_softmax(hf, prompt + tokens)[len(prompt) - 1:-1]
+        np.testing.assert_allclose(log_probs, reference[np.arange(len(tokens)), tokens], atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 20)])
+def test_sampled_logprobs_are_full_vocabulary_log_softmax(pair, sampler, temperature, top_p, top_k):
+    hf, _ = pair
+    out = sampler.generate(PROMPTS[:2], max_new_tokens=24, temperature=temperature, top_p=top_p, top_k=top_k, n=2,
+                           seed=3)
+    assert len(out.tokens) == 4
+    for sample, (tokens, log_probs) in enumerate(zip(out.tokens, out.logprobs)):
+        prompt = PROMPTS[sample // 2]
+        reference = _hf_log_softmax(hf, prompt + tokens, temperature)[len(prompt) - 1:-1]
+        np.testing.assert_allclose(log_probs, reference[np.arange(len(tokens)), tokens], atol=1e-4)
+    assert len({tuple(t) for t in out.tokens}) == 4  # sampled, not greedy
+
+
+def test_group_sampling_is_reproducible_and_seeded(sampler):
+    kwargs = dict(max_new_tokens=16, temperature=1.0, n=8)
+    first = sampler.generate(PROMPTS[:2], seed=7, **kwargs)
+    again = sampler.generate(PROMPTS[:2], seed=7, **kwargs)
+    other = sampler.generate(PROMPTS[:2], seed=8, **kwargs)
+    assert first == again
+    assert first.tokens != other.tokens
+    assert len(first.tokens) == 16 and len({tuple(t) for t in first.tokens[:8]}) > 1
+    # A sample depends on the seed and its index only, not on the other prompts of the batch.
+    alone = sampler.generate(PROMPTS[:1], seed=7, **kwargs)
+    assert alone.tokens == first.tokens[:8]
+    np.testing.assert_allclose(np.array(alone.logprobs), np.array(first.logprobs[:8]), atol=1e-6)
+
+
+def test_greedy_group_samples_equal_single_greedy(sampler):
+    single = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0)
+    group = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0, n=8, seed=5)
+    assert group.tokens == [single.tokens[0]] * 8 + [single.tokens[1]] * 8
+    top_k_one = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.8, top_k=1, n=2)
+    assert top_k_one.tokens == [single.tokens[0]] * 2 + [single.tokens[1]] * 2
+
+
+@pytest.mark.parametrize("top_p,top_k", [(0.5, 0), (1.0, 3)])
+def test_truncated_sampling_stays_in_the_models_own_kept_set(pair, sampler, top_p, top_k):
+    hf, _ = pair
+    temperature = 1.0
+    out = sampler.generate(PROMPTS[:2], max_new_tokens=12, temperature=temperature, top_p=top_p, top_k=top_k, n=8,
+                           seed=11)
+    kept_sizes = []
+    for sample, tokens in enumerate(out.tokens):
+        prompt = PROMPTS[sample // 8]
+        log_probs = _hf_log_softmax(hf, prompt + tokens, temperature)[len(prompt) - 1:-1]
+        for step, token in enumerate(tokens):
+            probs = np.exp(log_probs[step])
+            order = np.argsort(-probs)
+            kept = order[:top_k] if top_k else order[(np.cumsum(probs[order]) - probs[order]) < top_p + 1e-6]
+            assert token in kept, f"sample {sample} step {step}: token {token} outside the kept set {kept}"
+            kept_sizes.append(len(kept))
+    assert max(kept_sizes) > 1  # the filter had choices to make
+    assert len({tuple(t) for t in out.tokens[:8]}) > 1
+
+
+def test_stop_token_ends_one_row_while_others_continue(sampler):
+    free = sampler.generate(PROMPTS, max_new_tokens=30, temperature=0.0)
+    # A token that row 0 emits at step >= 2 and rows 1 and 2 never emit.
+    others = set(free.tokens[1]) | set(free.tokens[2])
+    step, stop = next((i, t) for i, t in enumerate(free.tokens[0]) if i >= 2 and t not in others)
+    first = free.tokens[0].index(stop)
+    out = sampler.generate(PROMPTS, max_new_tokens=30, temperature=0.0, stop_token_ids=(stop, 255))
+    assert out.tokens[0] == free.tokens[0][:first + 1]
+    assert out.logprobs[0] == pytest.approx(free.logprobs[0][:first + 1], abs=1e-6)
+    assert out.finish_reason == ["stop", "length", "length"]
+    assert out.tokens[1:] == free.tokens[1:]
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 5, 17])
+def test_max_new_tokens_is_honoured(sampler, max_new_tokens):
+    out = sampler.generate(PROMPTS, max_new_tokens=max_new_tokens, temperature=1.0, n=2)
+    assert [len(t) for t in out.tokens] == [max_new_tokens] * 6
+    assert [len(lp) for lp in out.logprobs] == [max_new_tokens] * 6
+    assert out.finish_reason == ["length"] * 6
+
+
+def test_group_prefill_matches_repeated_prompt(sampler):
+    group = sampler.generate(PROMPTS[1:2], max_new_tokens=12, temperature=0.0, n=8)
+    repeated = sampler.generate(PROMPTS[1:2] * 8, max_new_tokens=12, temperature=0.0)
+    assert group.tokens == repeated.tokens
+    np.testing.assert_allclose(np.array(group.logprobs), np.array(repeated.logprobs), atol=1e-6)
+
+
+def test_clear_errors(sampler):
+    with pytest.raises(ValueError, match="non-empty list"):
+        sampler.generate([], max_new_tokens=4)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sampler.generate([[1, 2], []], max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_cache_length"):
+        sampler.generate([list(range(200))], max_new_tokens=4)  # longer than the 128-slot cache
+    with pytest.raises(ValueError, match="max_cache_length"):
+        sampler.generate([list(range(100))], max_new_tokens=40)  # prompt fits, generation does not
+    with pytest.raises(ValueError, match="outside"):
+        sampler.generate([[1, 256]], max_new_tokens=4)
+    with pytest.raises(ValueError, match="top_p"):
+        sampler.generate([[1]], top_p=0.0)
+    with pytest.raises(ValueError, match="n "):
+        sampler.generate([[1]], n=0)
+
+
+def test_compiles_once_per_bucket_and_update_params_reuses_code(tmp_path_factory, pair):
+    sampler = Sampler(pair[1], max_cache_length=128)
+    sampler.generate([[1, 2, 3]], max_new_tokens=20, temperature=0.7, top_p=0.9, n=4, stop_token_ids=(7,))
+    assert dict(sampler.trace_counts) == {"prefill": 1, "decode": 1}
+    _, other_model = _load_pair(tmp_path_factory, "other", seed=2, tied=False)
+    compiles = []
+
+    def count(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        # Same buckets (prompt <= 16, new tokens <= 32, 1 prompt x 4): other values, seeds, stops.
+        for prompt, new_tokens, temperature, top_p, seed in [([9] * 16, 32, 1.0, 0.5, 1), ([4, 5], 17, 0.3, 0.99, 2)]:
+            sampler.generate([prompt], max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, n=4,
+                             stop_token_ids=(3, 4), seed=seed)
+        sampler.update_params(other_model)
+        swapped = sampler.generate([[1, 2, 3]], max_new_tokens=20, temperature=0.7, top_p=0.9, n=4)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert dict(sampler.trace_counts) == {"prefill": 1, "decode": 1}
+    assert compiles == []
+    fresh = Sampler(other_model, max_cache_length=128).generate([[1, 2, 3]], max_new_tokens=20, temperature=0.7,
+                                                                 top_p=0.9, n=4)
+    assert swapped == fresh
+    sampler.generate([[1] * 17], max_new_tokens=20, temperature=0.7, top_p=0.9, n=4)  # next prompt bucket
+    assert dict(sampler.trace_counts) == {"prefill": 2, "decode": 2}
+
+
+def test_update_params_rejects_other_shapes(sampler):
+    other = qwen2.abstract_model(qwen2.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64,
+                                                   num_layers=2, num_heads=4, num_kv_heads=2))
+    with pytest.raises(ValueError, match="shapes"):
+        sampler.update_params(other)

@@ -1,0 +1,92 @@
+"""Sampling rules and index drawing against numpy reference implementations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from agentflow_jax.sampling import buckets, draw, rules
+
+
+def _numpy_kept(logits: np.ndarray, temperature: float, top_p: float, top_k: int) -> np.ndarray:
+    """transformers' warper order with a full sort: temperature -> top-k -> top-p (float64)."""
+    scaled = logits.astype(np.float64) / temperature
+    kept = np.ones_like(scaled, bool)
+    for row, values in enumerate(scaled):
+        order = np.argsort(-values, kind="stable")
+        if top_k:
+            kth = values[order[top_k - 1]]
+            kept[row] = values >= kth
+        probs = np.where(kept[row], np.exp(values - values.max()), 0.0)
+        probs /= probs.sum()
+        mass_before = np.cumsum(probs[order]) - probs[order]
+        in_nucleus = np.zeros_like(kept[row])
+        in_nucleus[order] = mass_before < top_p
+        kept[row] &= in_nucleus
+    return kept
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.5, 0), (0.7, 0.9, 0), (1.0, 1.0, 7), (1.3, 0.8, 12)])
+def test_kept_tokens_match_sorted_reference(temperature, top_p, top_k):
+    logits = np.random.RandomState(0).normal(size=(16, 1000)).astype(np.float32) * 3
+    rule = rules.sampling_rule(temperature, top_p, top_k)
+    relative = jnp.asarray(logits) / rule.temperature
+    relative = relative - relative.max(axis=-1, keepdims=True)
+    kept = np.asarray(rules.truncated_weights(relative, jnp.exp(relative), rule)) > 0
+    np.testing.assert_array_equal(kept, _numpy_kept(logits, temperature, top_p, top_k))
+
+
+def test_order_keys_preserve_float_order():
+    values = np.array([-np.inf, -1e30, -2.5, -1e-30, -0.0, 0.0, 1e-30, 3.0, np.inf], np.float32)
+    keys = np.asarray(rules.order_keys(jnp.asarray(values)))
+    assert np.all(np.diff(keys[[0, 1, 2, 3, 5, 6, 7, 8]]) > 0)
+
+
+def test_first_argmax_matches_numpy_including_ties():
+    rng = np.random.RandomState(1)
+    x = rng.randint(0, 5, size=(64, 1000)).astype(np.float32)  # many ties
+    x[3, 999] = 10.0  # maximum in the last (partial) block
+    np.testing.assert_array_equal(np.asarray(draw.first_argmax(jnp.asarray(x))), np.argmax(x, axis=-1))
+
+
+def test_sample_proportional_follows_weights_and_skips_zeros():
+    rng = np.random.RandomState(2)
+    weights = rng.uniform(size=600).astype(np.float32)
+    weights[rng.uniform(size=600) < 0.5] = 0.0
+    weights[-1] = 0.0
+    rows = 40_000
+    uniforms = jax.random.uniform(jax.random.key(0), (rows,))
+    drawn = np.asarray(draw.sample_proportional(jnp.broadcast_to(jnp.asarray(weights), (rows, 600)), uniforms))
+    counts = np.bincount(drawn, minlength=600)
+    assert counts[weights == 0].sum() == 0
+    expected = rows * weights / weights.sum()
+    # Poisson tolerance of 5 standard deviations per entry.
+    assert np.all(np.abs(counts - expected) <= 5 * np.sqrt(expected) + 1)
+    edge = draw.sample_proportional(jnp.asarray(np.stack([weights, weights])), jnp.asarray([0.0, 1.0 - 2**-24]))
+    assert weights[np.asarray(edge)].min() > 0
+
+
+def test_greedy_rule_and_logprobs_match_numpy():
+    logits = np.random.RandomState(3).normal(size=(4, 300)).astype(np.float32)
+    tokens, log_probs = rules.choose_tokens(jnp.asarray(logits), rules.sampling_rule(0.0), jnp.zeros(4))
+    np.testing.assert_array_equal(np.asarray(tokens), logits.argmax(-1))
+    reference = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(log_probs), reference[np.arange(4), logits.argmax(-1)], atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=1.0, top_p=0.0),
+                                    dict(temperature=1.0, top_p=1.5), dict(temperature=1.0, top_k=-1),
+                                    dict(temperature=float("nan"))])
+def test_invalid_rules_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        rules.sampling_rule(**kwargs)
+
+
+def test_buckets():
+    assert [buckets.length_bucket(n) for n in (1, 16, 17, 64, 65, 1024, 1025)] == [16, 16, 32, 64, 128, 1024, 2048]
+    assert [buckets.batch_bucket(n) for n in (1, 2, 3, 9)] == [1, 2, 4, 16]
+    assert buckets.batch_bucket(3, multiple_of=8) == 8
+    assert buckets.cache_layout(20, 40, 4096) == (32, 64)
+    assert buckets.cache_layout(100, 20, 128) == (108, 20)  # prompt bucket shrinks near the limit
+    with pytest.raises(ValueError, match="max_cache_length"):
+        buckets.cache_layout(100, 29, 128)

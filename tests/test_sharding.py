@@ -1,0 +1,113 @@
+"""Meshes on 8 fake CPU devices: parameter placement, forward and greedy sampling equal to one device,
+resharding between training and sampling rules, and mesh construction errors."""
+
+import flax.nnx as nnx
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from agentflow_jax import sharding
+from agentflow_jax.models import qwen2
+from agentflow_jax.sampling import Sampler
+from hf_reference import make_hf_model, padded_batch
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False)
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [3]]
+
+# Expected training-rule specs (embed over fsdp, heads / kv_heads / mlp / vocab over tensor), written
+# out by hand for each mesh; size-1 axes are dropped.
+FSDP_ONLY = {"embed_tokens": P(None, "fsdp"), "q_kernel": P(None, "fsdp", None, None),
+             "k_kernel": P(None, "fsdp", None, None), "down_kernel": P(None, None, "fsdp"), "lm_head": P("fsdp", None)}
+FSDP_TENSOR = {"embed_tokens": P("tensor", "fsdp"), "q_kernel": P(None, "fsdp", "tensor", None),
+               "k_kernel": P(None, "fsdp", "tensor", None), "down_kernel": P(None, "tensor", "fsdp"),
+               "lm_head": P("fsdp", "tensor")}
+MESHES = [
+    ({"fsdp": 8}, FSDP_ONLY, "fsdp"),
+    ({"fsdp": 4, "tensor": 2}, FSDP_TENSOR, "fsdp"),
+    ({"data": 2, "fsdp": 2, "tensor": 2}, FSDP_TENSOR, ("data", "fsdp")),
+]
+
+
+def _named_params(model: qwen2.Qwen2ForCausalLM) -> dict[str, jax.Array]:
+    return {"embed_tokens": model.embed_tokens[...], "q_kernel": model.layers.attn.q_kernel[...],
+            "k_kernel": model.layers.attn.k_kernel[...], "down_kernel": model.layers.mlp.down_kernel[...],
+            "lm_head": model.lm_head[...]}
+
+
+def _forward(model: qwen2.Qwen2ForCausalLM, ids, mask) -> np.ndarray:
+    graphdef, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, attention_mask=m))(state, ids, mask))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    make_hf_model(0, init_std=0.1, **TINY).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_device(checkpoint):
+    """Reference results on one device: (ids, mask, logits, greedy SamplerOutput)."""
+    model = qwen2.from_pretrained(checkpoint)
+    ids, mask = padded_batch(np.random.RandomState(0), 256, [(12, "none"), (7, "left"), (1, "left"), (9, "left")] * 2,
+                             width=12)
+    ids, mask = ids.astype(np.int32), mask.astype(bool)
+    greedy = Sampler(model, max_cache_length=64).generate(PROMPTS, max_new_tokens=24, temperature=0.0, n=2)
+    return ids, mask, _forward(model, ids, mask), greedy
+
+
+@pytest.mark.parametrize("mesh_spec,expected_specs,batch_axes", MESHES, ids=["fsdp8", "fsdp4xtensor2",
+                                                                            "data2xfsdp2xtensor2"])
+def test_mesh_matches_single_device(checkpoint, single_device, mesh_spec, expected_specs, batch_axes):
+    ids, mask, reference_logits, reference_greedy = single_device
+    mesh = sharding.make_mesh(mesh_spec)
+    model = qwen2.from_pretrained(checkpoint, mesh=mesh)
+    for name, value in _named_params(model).items():
+        assert value.sharding.spec == expected_specs[name], name
+
+    batch_sharding = NamedSharding(mesh, P(batch_axes, None))
+    with sharding.activation_sharding(mesh, "training"):
+        logits = _forward(model, jax.device_put(ids, batch_sharding), jax.device_put(mask, batch_sharding))
+    np.testing.assert_allclose(logits[mask], reference_logits[mask], atol=1e-5, rtol=0)
+
+    sampler = Sampler(model, max_cache_length=64, mesh=mesh, rules="sampling")
+    assert sampler.params["layers"]["attn"]["q_kernel"][...].sharding.spec == P(
+        None, None, expected_specs["q_kernel"][2], None)  # sampling rules: embed replicated
+    greedy = sampler.generate(PROMPTS, max_new_tokens=24, temperature=0.0, n=2)
+    assert greedy.tokens == reference_greedy.tokens
+    np.testing.assert_allclose(np.array(greedy.logprobs), np.array(reference_greedy.logprobs), atol=1e-5)
+    cache = sampler.prefill(PROMPTS, n=2, max_new_tokens=24).cache
+    expected_cache = NamedSharding(mesh, P(None, batch_axes, None, expected_specs["k_kernel"][2], None))
+    assert cache.k.sharding.is_equivalent_to(expected_cache, cache.k.ndim), cache.k.sharding
+
+
+def test_reshard_training_to_sampling_keeps_values(checkpoint):
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    model = qwen2.from_pretrained(checkpoint, mesh=mesh)
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    sharding.shard_model(model, mesh, "sampling")
+    after = jax.tree.map(np.asarray, nnx.state(model))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    specs = {name: value.sharding.spec for name, value in _named_params(model).items()}
+    assert specs == {"embed_tokens": P("tensor", None), "q_kernel": P(None, None, "tensor", None),
+                     "k_kernel": P(None, None, "tensor", None), "down_kernel": P(None, "tensor", None),
+                     "lm_head": P(None, "tensor")}
+
+
+def test_make_mesh_shapes_and_errors():
+    assert dict(sharding.make_mesh({"fsdp": -1, "tensor": 2}).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert dict(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        sharding.make_mesh({"model": 8})
+    with pytest.raises(ValueError, match="only one mesh axis may be -1"):
+        sharding.make_mesh({"fsdp": -1, "tensor": -1})
+    with pytest.raises(ValueError, match="cannot be split"):
+        sharding.make_mesh({"fsdp": -1, "tensor": 3})
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        sharding.make_mesh({"fsdp": 3, "tensor": 2})
+    with pytest.raises(ValueError, match="positive"):
+        sharding.make_mesh({"fsdp": 0})
