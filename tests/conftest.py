@@ -1,6 +1,8 @@
-"""Test session set-up: 8 fake CPU devices (must happen before JAX starts) and float32 matmuls."""
+"""Test session set-up: 8 fake CPU devices (must happen before JAX starts), float32 matmuls, and a
+session-wide persistent compilation cache (runs rebuilt from scratch by several tests share compiles)."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,3 +10,5 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="agentflow_test_jax_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
