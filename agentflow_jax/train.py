@@ -18,13 +18,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Mapping
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -47,6 +45,67 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collect
 # ------------------------------------------------------------------------------------------------
 # Config -> objects
 # ------------------------------------------------------------------------------------------------
+
+
+# Keys `train.py` reads, by section, with their types; a missing or misspelt key, or a value of
+# the wrong type, is reported before any compute starts.
+CONFIG_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "model": {"path": str, "tokenizer": str, "dtype": str, "param_dtype": str, "remat": bool,
+              "max_cache_length": int},
+    "data": {"train_path": str, "eval_path": str, "batch_size": int},
+    "tools": {"names": (tuple, list), "settings": ml_collections.ConfigDict},
+    "rollout": {"max_turns": int, "max_time_s": (int, float), "planner_temperature": (int, float),
+                "planner_top_p": (int, float), "planner_max_new_tokens": int, "frozen_max_new_tokens": int,
+                "memory_budget_chars": int, "compact_tools": bool},
+    "rl": {"group_size": int, "estimator": str, "grouping": str, "ppo_epochs": int, "num_minibatches": int,
+           "micro_batch_rows": int, "length_bucket": int, "loss": ml_collections.ConfigDict},
+    "optim": {"learning_rate": (int, float), "b1": (int, float), "b2": (int, float), "weight_decay": (int, float),
+              "grad_clip": (int, float), "warmup_steps": int},
+    "train": {"steps": int, "save_every": int, "keep_checkpoints": int, "log_trajectories": int,
+              "progress_bar": bool, "export_hf": bool},
+    "eval": {"every": int, "at_start": bool, "num_queries": int, "batch_size": int,
+             "planner_temperature": (int, float), "max_turns": int, "max_time_s": (int, float)},
+}
+
+
+def _has_type(value, kind: type | tuple[type, ...]) -> bool:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks the sections train.py reads (CONFIG_SCHEMA) and builds the dataclasses once.
+
+    Raises:
+      ValueError naming the first problem: a missing section or key, an unknown key, a wrong type,
+      or a value the trainer / loss / rollout dataclasses reject.
+    """
+    problems = []
+    for top in ("seed", "workdir", "mesh"):
+        if top not in config:
+            problems.append(f"config lacks top-level key {top!r}")
+    for section, keys in CONFIG_SCHEMA.items():
+        if section not in config:
+            problems.append(f"config lacks section {section!r} (keys {sorted(keys)})")
+            continue
+        present = set(config[section].keys())
+        problems += [f"config.{section} lacks key {k!r}" for k in sorted(set(keys) - present)]
+        problems += [f"config.{section} has unknown key {k!r}; valid keys: {sorted(keys)}"
+                     for k in sorted(present - set(keys))]
+        for key, kind in keys.items():
+            if key in present and not _has_type(config[section][key], kind):
+                problems.append(f"config.{section}.{key} = {config[section][key]!r} should be of type {kind}")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    unknown_loss = sorted(set(config.rl.loss.keys()) - {f.name for f in dataclasses.fields(LossConfig)} - {"temperature"})
+    if unknown_loss:
+        raise ValueError(f"config.rl.loss has unknown key(s) {unknown_loss}; valid keys: "
+                         f"{sorted(f.name for f in dataclasses.fields(LossConfig) if f.name != 'temperature')}")
+    if "temperature" in config.rl.loss:
+        raise ValueError("config.rl.loss.temperature is set from config.rollout.planner_temperature; remove it")
+    trainer_config(config)
+    rollout_config(config)
+    rollout_config(config, evaluation=True)
 
 
 def rollout_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) -> RolloutConfig:
@@ -108,6 +167,7 @@ def prepare(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict) -> RunSummary:
     """Trains the planner as `config` says; returns the initial and final evaluation."""
     start = time.perf_counter()
+    validate_config(config)
     prepare(config)
     workdir = config.workdir
     mesh = sharding.make_mesh(config.mesh.to_dict()) if config.mesh.to_dict() else None

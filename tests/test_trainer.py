@@ -137,3 +137,30 @@ def test_bad_config_fails_before_compute(tiny_run, tmp_path):
     config.rl.estimator = "ppo"
     with pytest.raises(ValueError, match="unknown estimator"):
         train_lib.trainer_config(config)
+
+
+def _load_config_file(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join("experiments", "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_7b_flow_grpo.py", "tiny_cpu.py"])
+def test_shipped_configs_validate(name):
+    train_lib.validate_config(_load_config_file(name))
+
+
+def test_config_validation_names_the_problem(tiny_run, tmp_path):
+    config = make_config(tiny_run, tmp_path)
+    config.rollout = dict(config.rollout.to_dict(), max_turns="three")  # ConfigDict checks types on assignment
+    config.optim = dict(config.optim.to_dict(), learning_rate=True)
+    config.train = {k: v for k, v in config.train.to_dict().items() if k != "export_hf"}
+    with pytest.raises(ValueError) as info:
+        train_lib.validate_config(config)
+    message = str(info.value)
+    assert "config.rollout.max_turns = 'three' should be of type" in message
+    assert "config.optim.learning_rate = True" in message
+    assert "config.train lacks key 'export_hf'" in message
