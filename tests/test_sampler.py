@@ -64,8 +64,8 @@ def _hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
 def test_greedy_matches_transformers_generate(tmp_path_factory, pair, sampler, tied):
     hf, model = pair if not tied else _load_pair(tmp_path_factory, "tied", seed=1, tied=True)
     ours = (sampler if not tied else Sampler(model, max_cache_length=128)).generate(
-        PROMPTS, max_new_tokens=40, temperature=0.0)
-    np.testing.assert_array_equal(np.array(ours.tokens), _hf_greedy(hf, PROMPTS, 40))
+        PROMPTS, max_new_tokens=32, temperature=0.0)
+    np.testing.assert_array_equal(np.array(ours.tokens), _hf_greedy(hf, PROMPTS, 32))
     assert ours.finish_reason == ["length"] * 3
     for prompt, tokens, log_probs in zip(PROMPTS, ours.tokens, ours.logprobs):
         reference = _hf_log_softmax(hf, prompt + tokens)[len(prompt) - 1:-1]
@@ -86,7 +86,7 @@ def test_sampled_logprobs_are_full_vocabulary_log_softmax(pair, sampler, tempera
 
 
 def test_group_sampling_is_reproducible_and_seeded(sampler):
-    kwargs = dict(max_new_tokens=16, temperature=1.0, n=8)
+    kwargs = dict(max_new_tokens=24, temperature=1.0, n=8)
     first = sampler.generate(PROMPTS[:2], seed=7, **kwargs)
     again = sampler.generate(PROMPTS[:2], seed=7, **kwargs)
     other = sampler.generate(PROMPTS[:2], seed=8, **kwargs)
@@ -103,15 +103,15 @@ def test_greedy_group_samples_equal_single_greedy(sampler):
     single = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0)
     group = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0, n=8, seed=5)
     assert group.tokens == [single.tokens[0]] * 8 + [single.tokens[1]] * 8
-    top_k_one = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.8, top_k=1, n=2)
-    assert top_k_one.tokens == [single.tokens[0]] * 2 + [single.tokens[1]] * 2
+    top_k_one = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.8, top_k=1, n=8)
+    assert top_k_one.tokens == group.tokens
 
 
 @pytest.mark.parametrize("top_p,top_k", [(0.5, 0), (1.0, 3)])
 def test_truncated_sampling_stays_in_the_models_own_kept_set(pair, sampler, top_p, top_k):
     hf, _ = pair
     temperature = 1.0
-    out = sampler.generate(PROMPTS[:2], max_new_tokens=12, temperature=temperature, top_p=top_p, top_k=top_k, n=8,
+    out = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=temperature, top_p=top_p, top_k=top_k, n=8,
                            seed=11)
     kept_sizes = []
     for sample, tokens in enumerate(out.tokens):
@@ -140,7 +140,7 @@ def test_stop_token_ends_one_row_while_others_continue(sampler):
     assert out.tokens[1:] == free.tokens[1:]
 
 
-@pytest.mark.parametrize("max_new_tokens", [1, 5, 17])
+@pytest.mark.parametrize("max_new_tokens", [1, 17])
 def test_max_new_tokens_is_honoured(sampler, max_new_tokens):
     out = sampler.generate(PROMPTS, max_new_tokens=max_new_tokens, temperature=1.0, n=2)
     assert [len(t) for t in out.tokens] == [max_new_tokens] * 6
@@ -149,10 +149,10 @@ def test_max_new_tokens_is_honoured(sampler, max_new_tokens):
 
 
 def test_group_prefill_matches_repeated_prompt(sampler):
-    group = sampler.generate(PROMPTS[1:2], max_new_tokens=12, temperature=0.0, n=8)
-    repeated = sampler.generate(PROMPTS[1:2] * 8, max_new_tokens=12, temperature=0.0)
+    group = sampler.generate(PROMPTS[1:2], max_new_tokens=20, temperature=0.0, n=8)
+    repeated = sampler.generate(PROMPTS[1:2] * 8, max_new_tokens=20, temperature=0.0)
     assert group.tokens == repeated.tokens
-    np.testing.assert_allclose(np.array(group.logprobs), np.array(repeated.logprobs), atol=1e-6)
+    np.testing.assert_allclose(np.array(group.logprobs), np.array(repeated.logprobs), atol=1e-5)
 
 
 def test_clear_errors(sampler):
@@ -172,14 +172,15 @@ def test_clear_errors(sampler):
         sampler.generate([[1]], n=0)
 
 
-def test_compiles_once_per_bucket_and_update_params_reuses_code(tmp_path_factory, pair):
+def test_compiles_once_per_bucket_and_swapping_params_reuses_code(tmp_path_factory, pair):
     sampler = Sampler(pair[1], max_cache_length=128)
-    sampler.generate([[1, 2, 3]], max_new_tokens=20, temperature=0.7, top_p=0.9, n=4, stop_token_ids=(7,))
+    kwargs = dict(max_new_tokens=20, temperature=0.7, top_p=0.9, n=4)
+    original = sampler.generate([[1, 2, 3]], stop_token_ids=(7,), **kwargs)
     assert dict(sampler.trace_counts) == {"prefill": 1, "decode": 1}
     _, other_model = _load_pair(tmp_path_factory, "other", seed=2, tied=False)
     compiles = []
 
-    def count(event: str, duration: float, **kwargs) -> None:
+    def count(event: str, duration: float, **unused) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(duration)
 
@@ -189,16 +190,19 @@ def test_compiles_once_per_bucket_and_update_params_reuses_code(tmp_path_factory
         for prompt, new_tokens, temperature, top_p, seed in [([9] * 16, 32, 1.0, 0.5, 1), ([4, 5], 17, 0.3, 0.99, 2)]:
             sampler.generate([prompt], max_new_tokens=new_tokens, temperature=temperature, top_p=top_p, n=4,
                              stop_token_ids=(3, 4), seed=seed)
+        other_sampler = sampler.with_params(other_model)
+        from_other = other_sampler.generate([[1, 2, 3]], stop_token_ids=(7,), **kwargs)
         sampler.update_params(other_model)
-        swapped = sampler.generate([[1, 2, 3]], max_new_tokens=20, temperature=0.7, top_p=0.9, n=4)
+        swapped = sampler.generate([[1, 2, 3]], stop_token_ids=(7,), **kwargs)
+        swapped_back = other_sampler.with_params(pair[1]).generate([[1, 2, 3]], stop_token_ids=(7,), **kwargs)
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert dict(sampler.trace_counts) == {"prefill": 1, "decode": 1}
     assert compiles == []
-    fresh = Sampler(other_model, max_cache_length=128).generate([[1, 2, 3]], max_new_tokens=20, temperature=0.7,
-                                                                 top_p=0.9, n=4)
-    assert swapped == fresh
-    sampler.generate([[1] * 17], max_new_tokens=20, temperature=0.7, top_p=0.9, n=4)  # next prompt bucket
+    fresh = Sampler(other_model, max_cache_length=128).generate([[1, 2, 3]], stop_token_ids=(7,), **kwargs)
+    assert swapped == from_other == fresh != original
+    assert swapped_back == original
+    sampler.generate([[1] * 17], **kwargs)  # the next prompt bucket compiles once more
     assert dict(sampler.trace_counts) == {"prefill": 2, "decode": 2}
 
 

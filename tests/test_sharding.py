@@ -81,7 +81,7 @@ def test_mesh_matches_single_device(checkpoint, single_device, mesh_spec, expect
     assert greedy.tokens == reference_greedy.tokens
     np.testing.assert_allclose(np.array(greedy.logprobs), np.array(reference_greedy.logprobs), atol=1e-5)
     cache = sampler.prefill(PROMPTS, n=2, max_new_tokens=24).cache
-    expected_cache = NamedSharding(mesh, P(None, batch_axes, None, expected_specs["k_kernel"][2], None))
+    expected_cache = NamedSharding(mesh, P(None, batch_axes, expected_specs["k_kernel"][2], None, None))
     assert cache.k.sharding.is_equivalent_to(expected_cache, cache.k.ndim), cache.k.sharding
 
 

@@ -23,9 +23,10 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.nnx as nnx
 import jax
@@ -279,23 +280,35 @@ class Attention(nnx.Module):
         v = _einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt), dt) + self.v_bias[...].astype(dt)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: Array, k: Array, v: Array, allowed: Array) -> Array:
-        """Softmax attention in float32.
+    def attend(self, q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
+        """Softmax attention in float32 over one or more key/value segments (one joint softmax).
+
+        The cached path passes two segments, the cache as it was and the new tokens, so the cache
+        is only read here; the new keys are written once after all layers (no per-layer copies).
+        Keys and values are head-major ([B, K, S, Dh]): with the batch and head dimensions leading,
+        XLA's batched dots need no transposes of the (large) cache (decode attention 10x faster on CPU).
 
         Args:
           q: [B, T, H, Dh] queries.
-          k, v: [B, S, K, Dh] keys / values (K divides H).
-          allowed: [B, T, S] bool, which key each query may see.
+          segments: (k, v, allowed) triples: k, v [B, K, S_i, Dh] (K divides H); allowed
+            [B, T or 1, S_i] bool, which keys each query may see.
         Returns:
           [B, T, D] attention output after the o projection.
         """
         b, t, h, dh = q.shape
-        kv = k.shape[2]
-        qg = q.reshape(b, t, kv, h // kv, dh)
-        scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
-        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = _einsum("bkgts,bskd->btkgd", probs, v, v.dtype).reshape(b, t, h, dh)
+        kv = segments[0][0].shape[1]
+        qg = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+        neg = jnp.finfo(jnp.float32).min
+        scores = [jnp.where(allowed[:, None, None, :, :],
+                            jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5),
+                            neg) for k, _, allowed in segments]
+        peak = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores])
+        weights = [jnp.exp(x - peak) for x in scores]
+        total = functools.reduce(jnp.add, [jnp.sum(w, axis=-1, keepdims=True) for w in weights])
+        out = functools.reduce(jnp.add, [
+            _einsum("bkgts,bksd->bkgtd", (w / total).astype(v.dtype), v, jnp.float32)
+            for w, (_, v, _) in zip(weights, segments)])
+        out = out.astype(self.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
         return _einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(self.dtype), self.dtype)
 
 
@@ -344,7 +357,7 @@ class KVCache:
     left-padded prompts of different lengths share one decode index.
 
     Attributes:
-      k, v: [L, B, S, K, Dh] cached keys / values (RoPE already applied to k).
+      k, v: [L, B, K, S, Dh] cached keys / values, head-major (RoPE already applied to k).
       valid: [B, S] bool, slot holds a real token.
       next_position: [B] int32, RoPE position of each row's next real token (= real tokens so far).
       index: [] int32, next slot to write (same for every row).
@@ -358,7 +371,7 @@ class KVCache:
 
     @property
     def max_length(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated n times in place (row i -> rows i*n .. i*n+n-1): one prefill, n samples."""
@@ -420,13 +433,13 @@ class Qwen2ForCausalLM(nnx.Module):
         x = self._embed(input_ids)
         cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
 
-        def layer_fn(layer: DecoderLayer, x: Array) -> Array:
+        def layer_fn(layer: DecoderLayer, x: Array) -> tuple[Array, None]:
             h = layer.input_norm(x)
             q, k, v = layer.attn.project_qkv(h, cos, sin)
-            x = x + layer.attn.attend(q, k, v, allowed)
-            return x + layer.mlp(layer.post_attn_norm(x))
+            x = x + layer.attn.attend(q, [(_head_major(k), _head_major(v), allowed)])
+            return x + layer.mlp(layer.post_attn_norm(x)), None
 
-        x = self._scan_layers(layer_fn, x)
+        x, _ = self._scan_layers(layer_fn, x)
         return self.final_norm(x)
 
     def logits_from_hidden(self, hidden: Array) -> Array:
@@ -442,7 +455,7 @@ class Qwen2ForCausalLM(nnx.Module):
     def init_cache(self, batch_size: int, max_length: int, dtype: DType | None = None) -> KVCache:
         """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated)."""
         c = self.config
-        shape = (c.num_layers, batch_size, max_length, c.num_kv_heads, c.dim_per_head)
+        shape = (c.num_layers, batch_size, c.num_kv_heads, max_length, c.dim_per_head)
         dtype = dtype or self.dtype
         return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                        valid=jnp.zeros((batch_size, max_length), bool),
@@ -473,29 +486,27 @@ class Qwen2ForCausalLM(nnx.Module):
         avoids materialising [B, T, V] logits.
         """
         input_ids, mask = _check_inputs(input_ids, attention_mask)
-        t, s = input_ids.shape[1], cache.max_length
+        t = input_ids.shape[1]
         positions = cache.next_position[:, None] + positions_from_mask(mask)
-        valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-        query_slots = cache.index + jnp.arange(t)
-        allowed = valid[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slots[None, :, None])  # [B, T, S]
+        old_allowed = cache.valid[:, None, :]  # [B, 1, S]: every filled slot precedes the new tokens
+        new_allowed = mask[:, None, :] & jnp.tril(jnp.ones((t, t), bool))[None]  # [B, T, T] causal
         x = self._embed(input_ids)
         cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
-        index = cache.index
 
-        def layer_fn(layer: DecoderLayer, carry):
-            x, k_all, v_all, layer_idx = carry
+        def layer_fn(layer: DecoderLayer, x: Array, k_old: Array, v_old: Array) -> tuple[Array, tuple[Array, Array]]:
             h = layer.input_norm(x)
             q, k, v = layer.attn.project_qkv(h, cos, sin)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer_idx, 0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer_idx, 0, index, 0, 0))
-            k_layer = jax.lax.dynamic_index_in_dim(k_all, layer_idx, keepdims=False).astype(self.dtype)
-            v_layer = jax.lax.dynamic_index_in_dim(v_all, layer_idx, keepdims=False).astype(self.dtype)
-            x = x + layer.attn.attend(q, k_layer, v_layer, allowed)
+            k, v = _head_major(k), _head_major(v)
+            x = x + layer.attn.attend(q, [(k_old.astype(self.dtype), v_old.astype(self.dtype), old_allowed),
+                                          (k, v, new_allowed)])
             x = x + layer.mlp(layer.post_attn_norm(x))
-            return x, k_all, v_all, layer_idx + 1
+            return x, (k.astype(cache.k.dtype), v.astype(cache.v.dtype))
 
-        x, k_all, v_all, _ = self._scan_layers(layer_fn, (x, cache.k, cache.v, jnp.zeros((), jnp.int32)))
-        new_cache = KVCache(k=k_all, v=v_all, valid=valid,
+        x, (k_new, v_new) = self._scan_layers(layer_fn, x, cache.k, cache.v)  # k_new: [L, B, K, T, Dh]
+        index = cache.index
+        new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, k_new, (0, 0, 0, index, 0)),
+                            v=jax.lax.dynamic_update_slice(cache.v, v_new, (0, 0, 0, index, 0)),
+                            valid=jax.lax.dynamic_update_slice(cache.valid, mask, (0, index)),
                             next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32), index=index + t)
         return self.final_norm(x), new_cache
 
@@ -505,19 +516,27 @@ class Qwen2ForCausalLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
         return sharding.constrain(x, ("batch", "length", "embed"))
 
-    def _scan_layers(self, layer_fn: Callable[[DecoderLayer, Any], Any], carry: Any) -> Any:
-        """Runs layer_fn(layer_i, carry) -> carry for i = 0..L-1 under one lax.scan."""
+    def _scan_layers(self, layer_fn: Callable[..., tuple[Array, Any]], x: Array, *per_layer: Array) -> tuple[Array, Any]:
+        """Runs `x, y_i = layer_fn(layer_i, x, *slices_i)` for i = 0..L-1 under one lax.scan.
+
+        `per_layer` arrays have a leading layer axis and are sliced per layer (read-only); the
+        per-layer outputs y_i come back stacked on a leading layer axis.
+        """
         graphdef, stacked = nnx.split(self.layers)
 
-        def body(carry, layer_state):
-            out = layer_fn(nnx.merge(graphdef, layer_state), carry)
-            if isinstance(out, tuple):
-                return (sharding.constrain(out[0], ("batch", "length", "embed")), *out[1:]), None
-            return sharding.constrain(out, ("batch", "length", "embed")), None
+        def body(x, inputs):
+            layer_state, slices = inputs
+            x, y = layer_fn(nnx.merge(graphdef, layer_state), x, *slices)
+            return sharding.constrain(x, ("batch", "length", "embed")), y
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        return jax.lax.scan(body, carry, stacked)[0]
+        return jax.lax.scan(body, x, (stacked, per_layer))
+
+
+def _head_major(x: Array) -> Array:
+    """[B, T, K, Dh] -> [B, K, T, Dh]."""
+    return x.transpose(0, 2, 1, 3)
 
 
 def positions_from_mask(mask: Array) -> Array:

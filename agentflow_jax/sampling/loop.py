@@ -20,7 +20,7 @@ from agentflow_jax.sampling import rules
 
 Array = jax.Array
 
-CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_length", "head_dim")
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
