@@ -77,3 +77,12 @@ def test_solve_usage_errors(server):
     assert out.returncode != 0 and "--search_corpus or --retrieval_url" in out.stderr
     out = run_solve(f"--engine=openai:{server},toy", "--tools=teleport", "What?")
     assert out.returncode != 0 and "unknown tool name(s) ['teleport']" in out.stderr
+
+
+def test_generate_default_runs_offline():
+    out = subprocess.run([sys.executable, "-m", "agentflow_jax.generate", "--max_new_tokens=4", "--n=2"],
+                         capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "--- sample 0 (" in out.stdout and "--- sample 1 (" in out.stdout
+    assert "from a " in out.stdout and "-token prompt" in out.stdout
