@@ -88,7 +88,8 @@ def test_bfloat16_kl_to_transformers(hf_checkpoint):
     assert kl <= 1e-3, f"mean KL(HF || ours) = {kl}"
 
 
-def test_cached_prefill_and_decode_match_transformers(hf_checkpoint):
+@pytest.mark.parametrize("prefill", ["generic", "prefill_cache"])
+def test_cached_prefill_and_decode_match_transformers(hf_checkpoint, prefill):
     """Prefill a left-padded prompt, then decode token by token: logits equal HF's full forward."""
     hf, path, kwargs = hf_checkpoint
     model = qwen2.from_pretrained(path)
@@ -98,8 +99,13 @@ def test_cached_prefill_and_decode_match_transformers(hf_checkpoint):
     full_mask = np.concatenate([mask, np.ones_like(extra)], axis=1)
     ref = hf_logits(hf, full_ids, full_mask)
 
-    cache = model.init_cache(2, 16)
-    logits, cache = model.forward_with_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache)
+    if prefill == "generic":
+        cache = model.init_cache(2, 16)
+        logits, cache = model.forward_with_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache)
+    else:  # the sampler's prefill: attention over the prompt only, cache padded to 16 slots
+        hidden, cache = model.prefill_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), 16)
+        logits = model.logits_from_hidden(hidden)
+        assert cache.max_length == 16
     steps = [np.asarray(logits)]
     for t in range(extra.shape[1]):
         logits, cache = model.forward_with_cache(jnp.asarray(extra[:, t:t + 1], jnp.int32), None, cache)

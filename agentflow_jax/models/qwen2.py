@@ -424,6 +424,27 @@ class Qwen2ForCausalLM(nnx.Module):
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
                       positions: Array | None = None) -> Array:
         """Final-norm hidden states [B, T, D] in `dtype` (the input of the LM head)."""
+        return self._forward(input_ids, attention_mask, positions, keep_kv=False)[0]
+
+    def prefill_cache(self, input_ids: Array, attention_mask: Array | None,
+                      cache_length: int) -> tuple[Array, KVCache]:
+        """Runs prompts once and returns (hidden [B, T, D], a cache of `cache_length` slots holding them).
+
+        Attention covers the prompt only (T x T), not the empty rest of the cache.
+        """
+        input_ids, mask = _check_inputs(input_ids, attention_mask)
+        t = input_ids.shape[1]
+        if cache_length < t:
+            raise ValueError(f"cache_length {cache_length} is shorter than the prompt bucket {t}")
+        hidden, (k, v) = self._forward(input_ids, mask, None, keep_kv=True)  # k, v: [L, B, K, T, Dh]
+        room = ((0, 0), (0, 0), (0, 0), (0, cache_length - t), (0, 0))
+        cache = KVCache(k=jnp.pad(k, room), v=jnp.pad(v, room), valid=jnp.pad(mask, ((0, 0), (0, cache_length - t))),
+                        next_position=mask.sum(axis=1, dtype=jnp.int32), index=jnp.asarray(t, jnp.int32))
+        return hidden, cache
+
+    def _forward(self, input_ids: Array, attention_mask: Array | None, positions: Array | None, *,
+                 keep_kv: bool) -> tuple[Array, tuple[Array, Array] | None]:
+        """Causal forward over whole sequences; optionally returns every layer's k, v [L, B, K, T, Dh]."""
         input_ids, mask = _check_inputs(input_ids, attention_mask)
         if positions is None:
             positions = positions_from_mask(mask)
@@ -433,14 +454,15 @@ class Qwen2ForCausalLM(nnx.Module):
         x = self._embed(input_ids)
         cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
 
-        def layer_fn(layer: DecoderLayer, x: Array) -> tuple[Array, None]:
+        def layer_fn(layer: DecoderLayer, x: Array) -> tuple[Array, tuple[Array, Array] | None]:
             h = layer.input_norm(x)
             q, k, v = layer.attn.project_qkv(h, cos, sin)
-            x = x + layer.attn.attend(q, [(_head_major(k), _head_major(v), allowed)])
-            return x + layer.mlp(layer.post_attn_norm(x)), None
+            k, v = _head_major(k), _head_major(v)
+            x = x + layer.attn.attend(q, [(k, v, allowed)])
+            return x + layer.mlp(layer.post_attn_norm(x)), ((k, v) if keep_kv else None)
 
-        x, _ = self._scan_layers(layer_fn, x)
-        return self.final_norm(x)
+        x, kv = self._scan_layers(layer_fn, x)
+        return self.final_norm(x), kv
 
     def logits_from_hidden(self, hidden: Array) -> Array:
         """LM head: hidden [..., D] -> float32 logits [..., V] (float32 accumulation)."""

@@ -49,8 +49,8 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: Array, attenti
       (next-token logits [P*n, V] float32, cache with P*n rows and index T).
     """
     model = nnx.merge(graphdef, params)
-    cache = constrain_cache(model.init_cache(input_ids.shape[0], cache_length))
-    hidden, cache = model.hidden_states_with_cache(input_ids, attention_mask, cache)
+    hidden, cache = model.prefill_cache(input_ids, attention_mask, cache_length)
+    cache = constrain_cache(cache)
     logits = model.logits_from_hidden(hidden[:, -1])  # left padding: the last slot is real
     if samples_per_prompt > 1:
         cache = cache.repeat(samples_per_prompt)

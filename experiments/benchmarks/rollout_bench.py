@@ -4,7 +4,7 @@ A tiny random Qwen2 model serves every module through the in-process JAX engine 
 batched and the one-at-a-time runs produce the same trajectories, which the script checks);
 tools are scripted. Both modes are warmed up (compiled) before timing.
 
-    python experiments/benchmarks/rollout_bench.py [--trajectories 64 --max_new_tokens 24]
+    python experiments/benchmarks/rollout_bench.py [--trajectories 64 --max_new_tokens 48]
 """
 
 from __future__ import annotations
@@ -35,9 +35,13 @@ class LookupTool(Tool):
 def build(args) -> tuple[JaxEngine, Toolbox, list[str]]:
     toolbox = Toolbox([LookupTool()])
     queries = [f"In what year was the city number {i} founded?" for i in range(args.trajectories)]
-    texts = [prompts.build_planner_prompt(Memory(q), toolbox, step=1, max_steps=3,
-                                          compact_tools=True)[1]["content"] for q in queries[:16]]
-    tokenizer = SentencePieceTokenizer.train(texts * 4, vocab_size=args.vocab,
+    # Trained on the agent's own prompts (as the toy world's tokenizer is), so prompts are ~100-300 tokens.
+    texts = [m["content"] for q in queries for m in prompts.build_planner_prompt(
+        Memory(q), toolbox, step=1, max_steps=3, compact_tools=True)]
+    texts += [m["content"] for q in queries for m in prompts.build_verifier_prompt(
+        Memory(q).add_turn(tool_name="Lookup_Tool", sub_goal=q, command="", result=LookupTool().run(q), ok=True),
+        toolbox, compact_tools=True)]
+    tokenizer = SentencePieceTokenizer.train(texts, vocab_size=args.vocab,
                                              model_path=f"{tempfile.mkdtemp()}/bench.model")
     config = qwen2.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
                                num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
@@ -48,8 +52,8 @@ def build(args) -> tuple[JaxEngine, Toolbox, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--trajectories", type=int, default=64)
-    parser.add_argument("--max_new_tokens", type=int, default=24)
-    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--vocab", type=int, default=768)
     args = parser.parse_args()
     engine, toolbox, queries = build(args)
     calls = SamplingParams(max_new_tokens=args.max_new_tokens)
