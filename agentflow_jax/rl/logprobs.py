@@ -4,6 +4,12 @@ The backbone runs once to final hidden states [B, T, D]; the LM head, log-softma
 gather then run over chunks of C positions under `lax.map`, each chunk wrapped in
 `jax.checkpoint`. Only a [B, C, V] float32 block of logits exists at any time, in the forward
 pass and in the backward pass (which recomputes each chunk's logits from its hidden states).
+
+With a `mask` (e.g. the loss mask: only response tokens need log-probs) the LM head runs on the
+masked positions only: they are gathered, in order, to the front of the flattened [B * T]
+positions and processed in chunks of B * C of them; chunks past the last masked position are
+skipped at run time (`lax.cond`), so the cost follows the number of masked tokens, not B * T,
+and no block larger than [B * C, V] exists either.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ DEFAULT_CHUNK_SIZE = 256
 
 def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attention_mask: Array, targets: Array, *,
                    temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   with_entropy: bool = False) -> tuple[Array, Array | None]:
+                   with_entropy: bool = False, mask: Array | None = None) -> tuple[Array, Array | None]:
     """log softmax(logits / temperature)[target] at every position of a causal LM (e.g. Qwen2ForCausalLM).
 
     Args:
@@ -34,6 +40,8 @@ def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attent
       temperature: logits are divided by it, as the sampler does before reporting log-probs.
       chunk_size: positions per LM-head chunk; T is padded internally to a multiple of it.
       with_entropy: also return the entropy of softmax(logits / temperature) at each position.
+      mask: optional [B, T]; when given, only positions where it is nonzero are computed (e.g. the
+        loss mask) and every other position returns 0, for log-probs, entropies and gradients alike.
     Returns:
       (logp [B, T] float32, entropy [B, T] float32 or None). Values at padding positions are
       finite but meaningless; mask them.
@@ -41,17 +49,23 @@ def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attent
     model = nnx.merge(graphdef, params)
     hidden = model.hidden_states(input_ids, attention_mask)
     return logprobs_from_hidden(model.logits_from_hidden, hidden, targets, temperature=temperature,
-                                chunk_size=chunk_size, with_entropy=with_entropy)
+                                chunk_size=chunk_size, with_entropy=with_entropy, mask=mask)
 
 
 def logprobs_from_hidden(lm_head: LMHead, hidden: Array, targets: Array, *, temperature: float = 1.0,
                          chunk_size: int = DEFAULT_CHUNK_SIZE,
-                         with_entropy: bool = False) -> tuple[Array, Array | None]:
-    """Chunked LM head + log-softmax + gather: hidden [B, T, D], targets [B, T] -> ([B, T], [B, T] | None)."""
+                         with_entropy: bool = False, mask: Array | None = None) -> tuple[Array, Array | None]:
+    """Chunked LM head + log-softmax + gather: hidden [B, T, D], targets [B, T] -> ([B, T], [B, T] | None).
+
+    With `mask` [B, T], only its nonzero positions are computed (see `token_logprobs`); others are 0.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    chunk_logprobs = _chunk_fn(lm_head, temperature, with_entropy)
+    if mask is not None:
+        return _masked_logprobs(chunk_logprobs, hidden, targets, mask, chunk_size, with_entropy)
     batch, length = targets.shape
     chunk = min(chunk_size, length)
     num_chunks = -(-length // chunk)
@@ -60,10 +74,17 @@ def logprobs_from_hidden(lm_head: LMHead, hidden: Array, targets: Array, *, temp
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
     hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)  # [N, B, C, D]
     target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)  # [N, B, C]
+    logp, entropy = jax.lax.map(lambda xs: chunk_logprobs(*xs), (hidden_chunks, target_chunks))
+    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]  # noqa: E731
+    return unchunk(logp), unchunk(entropy) if with_entropy else None
+
+
+def _chunk_fn(lm_head: LMHead, temperature: float, with_entropy: bool) -> Callable[[Array, Array], tuple[Array, Array]]:
+    """(hidden [..., D], targets [...]) -> (logp, entropy) [...], recomputed in the backward pass."""
 
     @jax.checkpoint
     def chunk_logprobs(hidden_chunk: Array, target_chunk: Array) -> tuple[Array, Array]:
-        logits = lm_head(hidden_chunk).astype(jnp.float32) / temperature  # [B, C, V]
+        logits = lm_head(hidden_chunk).astype(jnp.float32) / temperature  # [..., C, V]
         log_normaliser = jax.nn.logsumexp(logits, axis=-1)
         target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
         if not with_entropy:
@@ -71,6 +92,39 @@ def logprobs_from_hidden(lm_head: LMHead, hidden: Array, targets: Array, *, temp
         entropy = log_normaliser - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
         return target_logits - log_normaliser, entropy
 
-    logp, entropy = jax.lax.map(lambda xs: chunk_logprobs(*xs), (hidden_chunks, target_chunks))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]  # noqa: E731
-    return unchunk(logp), unchunk(entropy) if with_entropy else None
+    return chunk_logprobs
+
+
+def _masked_logprobs(chunk_logprobs: Callable[[Array, Array], tuple[Array, Array]], hidden: Array, targets: Array,
+                     mask: Array, chunk_size: int, with_entropy: bool) -> tuple[Array, Array | None]:
+    """`logprobs_from_hidden` on the nonzero positions of mask only, in chunks of B * chunk_size of them."""
+    batch, length = targets.shape
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask shape {mask.shape} != targets shape {targets.shape}")
+    n = batch * length
+    keep = jnp.reshape(mask, (n,)) != 0
+    order = jnp.argsort(jnp.logical_not(keep), stable=True)  # masked positions first, in their order
+    count = jnp.sum(keep, dtype=jnp.int32)
+    chunk = min(batch * chunk_size, n)
+    num_chunks = -(-n // chunk)
+    pad = num_chunks * chunk - n
+    hidden_chunks = jnp.pad(jnp.take(hidden.reshape(n, -1), order, axis=0), ((0, pad), (0, 0)))
+    target_chunks = jnp.pad(jnp.take(targets.reshape(n), order), (0, pad))
+    hidden_chunks = hidden_chunks.reshape(num_chunks, chunk, -1)  # [N, B * C, D]
+    target_chunks = target_chunks.reshape(num_chunks, chunk)
+
+    def skip(hidden_chunk: Array, target_chunk: Array) -> tuple[Array, Array]:
+        del hidden_chunk
+        return jnp.zeros(target_chunk.shape, jnp.float32), jnp.zeros(target_chunk.shape, jnp.float32)
+
+    def body(xs):
+        index, hidden_chunk, target_chunk = xs
+        return jax.lax.cond(index * chunk < count, chunk_logprobs, skip, hidden_chunk, target_chunk)
+
+    logp, entropy = jax.lax.map(body, (jnp.arange(num_chunks), hidden_chunks, target_chunks))
+    inverse = jnp.argsort(order)  # sorted slot of each original position
+
+    def unsort(x: Array) -> Array:
+        return jnp.where(keep, jnp.take(x.reshape(-1), inverse), 0.0).reshape(batch, length)
+
+    return unsort(logp), unsort(entropy) if with_entropy else None

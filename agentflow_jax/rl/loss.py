@@ -244,9 +244,11 @@ def policy_loss(graphdef: nnx.GraphDef, params: Any, inputs: LossInputs, config:
       (loss, metrics): loss = sum(token_weights * per-token loss), a float32 scalar that sums over
       micro-batches to the full-batch loss; metrics as described in `loss_metrics`.
     """
+    # Only loss-mask positions carry weight or metrics: the LM head runs on those alone (others read 0).
     logp, entropy = logprobs_lib.token_logprobs(
         graphdef, params, inputs.input_ids, inputs.attention_mask, inputs.targets,
-        temperature=config.temperature, chunk_size=config.logits_chunk_size, with_entropy=True)
+        temperature=config.temperature, chunk_size=config.logits_chunk_size, with_entropy=True,
+        mask=inputs.loss_mask)
     return policy_loss_from_logprobs(logp, entropy, inputs, config)
 
 
