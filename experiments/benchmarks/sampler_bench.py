@@ -1,0 +1,136 @@
+"""Sampler speed against transformers `generate` (PyTorch CPU), same random weights, one process.
+
+    python experiments/benchmarks/sampler_bench.py                      # the default table
+    python experiments/benchmarks/sampler_bench.py --batches 1,16 --dtype bfloat16
+
+Prints greedy new tokens/s of both systems for each batch size and their ratio, then the prefill
+time of one prompt sampled n times (prefill once, cache broadcast) against the same prompt
+repeated n times. Timings are the best of --repeats runs after one warm-up run (which also
+compiles): on a shared machine the best run is the one least disturbed by other processes.
+Nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from agentflow_jax.models import qwen2
+from agentflow_jax.sampling import Sampler
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=32_000)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--intermediate", type=int, default=1408)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
+    parser.add_argument("--group-n", type=int, default=8, help="samples per prompt in the prefill comparison")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and compute dtype of both systems")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Shortest wall time of `run` over `repeats` calls, after one untimed warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def format_load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def build_models(args: argparse.Namespace, directory: str):
+    """(transformers model, our model) with identical random weights (tied embeddings)."""
+    config = transformers.Qwen2Config(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        tie_word_embeddings=True, max_position_embeddings=4096)
+    torch.manual_seed(args.seed)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf.save_pretrained(directory)
+    torch_dtype = getattr(torch, args.dtype)
+    ours = qwen2.from_pretrained(directory, dtype=jnp.dtype(args.dtype))
+    return hf.to(torch_dtype), ours
+
+
+def hf_greedy(hf: transformers.Qwen2ForCausalLM, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
+    with torch.no_grad():
+        out = hf.generate(torch.from_numpy(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
+    return out[:, prompts.shape[1]:].numpy()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    rng = np.random.RandomState(args.seed)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} | torch {torch.__version__} threads "
+          f"{torch.get_num_threads()} | transformers {transformers.__version__} | {os.cpu_count()} CPU cores")
+    print(f"model: vocab {args.vocab}, hidden {args.hidden}, mlp {args.intermediate}, {args.layers} layers, "
+          f"{args.heads} heads / {args.kv_heads} KV heads, tied, {args.dtype}; prompt {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens, greedy; best of {args.repeats} after warm-up; "
+          f"load average at the start {format_load()}\n")
+    with tempfile.TemporaryDirectory() as directory:
+        hf, ours = build_models(args, directory)
+    sampler = Sampler(ours, max_cache_length=args.prompt_len + args.new_tokens)
+
+    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>6} | greedy tokens equal")
+    for batch in batches:
+        prompts = rng.randint(0, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
+        prompt_lists = prompts.tolist()
+
+        def run_ours():
+            return sampler.generate(prompt_lists, max_new_tokens=args.new_tokens, temperature=0.0)
+
+        ours_s = best_seconds(run_ours, args.repeats)
+        hf_s = best_seconds(lambda: hf_greedy(hf, prompts, args.new_tokens), args.repeats)
+        same = np.mean(np.array(run_ours().tokens) == hf_greedy(hf, prompts, args.new_tokens))
+        new_tokens = batch * args.new_tokens
+        print(f"{batch:>5} | {new_tokens / ours_s:>10.1f} | {new_tokens / hf_s:>9.1f} | {hf_s / ours_s:>5.2f}x | "
+              f"{same:.1%}")
+
+    prompt = rng.randint(0, args.vocab, size=args.prompt_len).tolist()
+    n = args.group_n
+
+    def prefill(prompts: list[list[int]], samples: int) -> Callable[[], object]:
+        def run():
+            prefilled = sampler.prefill(prompts, n=samples, max_new_tokens=args.new_tokens)
+            return jax.block_until_ready((prefilled.logits, prefilled.cache))
+        return run
+
+    group_s = best_seconds(prefill([prompt], n), args.repeats)
+    repeated_s = best_seconds(prefill([prompt] * n, 1), args.repeats)
+    print(f"\nprefill of one {args.prompt_len}-token prompt for {n} samples: group (prefill once, broadcast cache) "
+          f"{group_s * 1e3:.2f} ms | prompt repeated {n}x {repeated_s * 1e3:.2f} ms | ratio {repeated_s / group_s:.2f}x")
+    print(f"load average (1/5/15 min) at the end: {format_load()}; other processes on these cores distort both "
+          "columns (PyTorch's OpenMP threads suffer most), so compare runs on an idle machine")
+
+
+if __name__ == "__main__":
+    main()
