@@ -186,7 +186,8 @@ def test_replayed_demonstrations_reproduce_the_rollout_exactly(recording, world_
         key = json.dumps([dict(m) for m in request.messages])
         asked.append(key)
         if key not in replies:
-            raise AssertionError(f"the rollout built a prompt no demonstration has: {request.messages[-1]['content'][:300]}")
+            raise AssertionError("the rollout built a prompt no demonstration has: "
+                                 f"{request.messages[-1]['content'][:300]}")
         return replies[key]
 
     engine = ScriptedEngine(respond)
@@ -289,3 +290,59 @@ def test_tokenizer_round_trips_demonstrations_and_keeps_names_and_numbers_contex
         example = sft.encode_demo(tokenizer, d)
         assert tokenizer.decode(example.target_ids) == d.target + "<|im_end|>"
         assert tokenizer.decode(example.prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+# ----------------------------------------------------------------------------------------------- ideal frozen model
+
+
+def _planner_text(tool, sub_goal="Find the founding year of the city in the query."):
+    return dm.planner_output("j", "None.", sub_goal, tool)
+
+
+def _run(world, world_dir, question, planner_texts):
+    """One trajectory of `question` with scripted planner replies and the ideal frozen model."""
+    replies = iter(planner_texts)
+    planner = ScriptedEngine(lambda request: next(replies))
+    frozen = dm.IdealFrozenEngine(world.train + world.heldout)
+    toolbox = dm.build_toy_toolbox(os.path.join(world_dir, "corpus.jsonl"), frozen)
+    (trajectory,) = rollout_batch([question.text], n=1, planner=planner, frozen=frozen, toolbox=toolbox,
+                                  config=dm.AgentSettings().rollout_config())
+    return trajectory
+
+
+def test_ideal_frozen_model_off_the_oracle_path(world, world_dir):
+    lookup = next(q for q in world.train if q.kind == "lookup" and q.subtype == "founded")
+    composition = next(q for q in world.train if q.kind == "composition" and q.subtype == "years_after")
+    arithmetic = next(q for q in world.train if q.kind == "arithmetic")
+    # A program cannot look a fact up: no result, the verifier continues, and a later search recovers.
+    t = _run(world, world_dir, lookup, [_planner_text(PYTHON_TOOL), _planner_text(SEARCH_TOOL)])
+    assert [turn.stop for turn in t.turns] == [False, True] and t.answer == lookup.answer
+    # Searching the first city twice leaves the second fact missing until the last turn: no answer.
+    first = "Find the founding year of the first city in the query."
+    t = _run(world, world_dir, composition, [_planner_text(SEARCH_TOOL, first)] * 3)
+    assert t.stop_reason == "max_turns" and t.answer == dm.NO_ANSWER
+    # The generalist fools the verifier at any step; its wrong number becomes the answer.
+    second = "Find the founding year of the second city in the query."
+    t = _run(world, world_dir, composition, [_planner_text(SEARCH_TOOL, second), _planner_text(GENERALIST_TOOL)])
+    assert t.stop_reason == "verifier" and len(t.turns) == 2
+    assert t.answer == re.findall(r"\d+", composition.generalist_answer)[-1] != composition.answer
+    # Order of the searches does not matter; the generator combines the two facts.
+    t = _run(world, world_dir, composition, [_planner_text(SEARCH_TOOL, second), _planner_text(SEARCH_TOOL, first)])
+    assert t.answer == composition.answer
+    # A search for an arithmetic question finds nothing useful; the program then answers it.
+    t = _run(world, world_dir, arithmetic, [_planner_text(SEARCH_TOOL, "Compute the expression in the query."),
+                                           _planner_text(PYTHON_TOOL, "Compute the expression in the query.")])
+    assert [turn.stop for turn in t.turns] == [False, True] and t.answer == arithmetic.answer
+    # An unknown tool name is a failed turn; the verifier continues.
+    t = _run(world, world_dir, lookup, [_planner_text("Teleport_Tool"), _planner_text(SEARCH_TOOL)])
+    assert not t.turns[0].result.ok and t.answer == lookup.answer
+
+
+def test_ideal_frozen_model_never_reads_the_gold_answer(world):
+    """Its replies depend on the memory in the prompt: an empty memory gives no answer."""
+    model = dm.IdealFrozenModel(world.train)
+    q = next(q for q in world.train if q.kind == "lookup")
+    assert model.answer(q.text, []) == dm.NO_ANSWER
+    assert model.verdict(q.text, []) == (False, "The founding year has not been found yet.") or q.subtype != "founded"
+    passage = f"[1] Title: {q.entities[0]}\n{toy_world.fact_sentence(q.subtype, q.entities[0], 1234)}"
+    assert model.answer(q.text, [(SEARCH_TOOL, passage)]) == "1234"

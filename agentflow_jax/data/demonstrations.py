@@ -1,31 +1,35 @@
-"""Oracle demonstrations of every model role of the toy world, recorded from real rollouts.
+"""The toy world's frozen model (written out exactly) and oracle demonstrations recorded from real rollouts.
 
-The oracle is a set of scripted engines that answer exactly what an ideal (but deliberately
-fallible) model would. `record_demonstrations` runs the real batched rollout loop
-(`agent.rollout.rollout_batch`) with those engines and the real toolbox (BM25 search over the
-world's corpus, the Python sandbox, the generalist tool), and records every model call as a
-(role, chat messages, reply) pair. So every demonstration prompt is byte for byte the prompt the
-agent builds at rollout time, and every tool result in a later prompt is what the tool returned.
+Two scripted actors:
 
-Roles (`ROLES`), i.e. every call the model serves:
+* `IdealFrozenModel` / `IdealFrozenEngine`: the frozen model of the CPU toy world. It serves
+  query analysis, executor, verifier, generator and the LLMs inside the Python and generalist
+  tools, for *any* planner output, exactly and deterministically (see its docstring). Why not a
+  trained tiny model: those roles must copy names and numbers from ~150-token prompts into their
+  outputs, and a ~1M-parameter model trained for minutes on 2 CPU cores does not learn to copy
+  (measured: BUILD_NOTES.md, "Toy world"). An exact frozen model also makes the toy's rollouts
+  cost only the planner's decoding. A trained model can still be used for these roles
+  (`sft.roles`), but it is not reliable.
+* `OraclePlanner`: the demonstrations' planner. At each step it writes the oracle step, or --
+  corrupted on purpose, with a probability that depends on the question's phrasing
+  (`Question.tempting`) and the step (`Corruption`) -- the generalist tool, in the same perfect
+  four-field format. Its sub-goals refer to the query ("the second city in the query") instead of
+  copying from it, so the planner's only real decision is the tool.
 
-  query_analysis  planner  executor  verifier  generator   (agent modules, agent/prompts.py)
-  python_coder    (the LLM inside Python_Code_Generator_Tool)
-  generalist      (the LLM inside Generalist_Solution_Generator_Tool)
+`record_demonstrations` runs the real batched rollout loop (`agent.rollout.rollout_batch`) with
+these two and the real toolbox (BM25 over the world's corpus, the Python sandbox, the generalist
+tool) and records every model call as (role, chat messages, reply): every demonstration prompt is
+byte for byte the prompt the agent builds at rollout time, tool results included.
 
-The planner is corrupted on purpose: at each step it picks the generalist tool instead of the
-oracle tool with a probability that depends on the question's phrasing (`Question.tempting`) and
-on the step (`Corruption`). Its four-field format stays perfect. The other roles behave as an
-ideal *frozen* model would, also after a wrong choice:
+Roles (`ROLES`): query_analysis, planner, executor, verifier, generator (agent/prompts.py),
+python_coder (the LLM inside Python_Code_Generator_Tool), generalist (the LLM inside
+Generalist_Solution_Generator_Tool).
 
-* the executor passes the full query to the generalist;
-* the generalist answers with a plausible-looking wrong number (`Question.generalist_answer`);
-* the verifier is fooled by it (STOP after any generalist answer) -- so a wrong tool choice costs
-  the reward; on the oracle path it says STOP exactly when the memory answers the query
-  (lookup: after the search; arithmetic: after the program; composition: after the program,
-  CONTINUE after each search);
-* the generator copies the number from the last step (passage [1] of a search, the program's
-  "result:" line, or the generalist's sentence).
+After a wrong choice the frozen roles behave sensibly: the executor passes the full query to the
+generalist, which answers with a plausible wrong number; the verifier is fooled (STOP after any
+generalist answer), so a wrong tool choice costs the reward; the generator reports the
+generalist's number. On the oracle path the verifier stops exactly when the memory holds what the
+query needs, and the generator computes the answer from the memory's facts.
 """
 
 from __future__ import annotations
@@ -84,6 +88,8 @@ class AgentSettings:
     `search_topk` shape the memory).
 
     `max_new_tokens` caps each role's generation (measured longest demonstration + margin).
+    `frozen` names the frozen model: "ideal" (`IdealFrozenEngine`, exact) or "model" (the
+    warm-started model serves the frozen roles too).
     """
 
     max_turns: int = 3
@@ -95,6 +101,14 @@ class AgentSettings:
     max_new_tokens: Mapping[str, int] = dataclasses.field(default_factory=lambda: {
         "query_analysis": 48, "planner": 96, "executor": 80, "verifier": 32, "generator": 32,
         "python_coder": 48, "generalist": 32})
+    frozen: str = "ideal"
+
+    def __post_init__(self):
+        if self.frozen not in ("ideal", "model"):
+            raise ValueError(f"agent.frozen must be 'ideal' or 'model', got {self.frozen!r}")
+        missing = sorted(set(ROLES) - set(self.max_new_tokens))
+        if missing:
+            raise ValueError(f"agent.max_new_tokens lacks role(s) {missing}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "AgentSettings":
@@ -125,6 +139,14 @@ class AgentSettings:
                 "search": {"corpus_path": corpus_path, "topk": self.search_topk},
                 "python": {"wall_timeout_s": self.python_wall_timeout_s, "max_new_tokens": m["python_coder"]},
                 "generalist": {"max_new_tokens": m["generalist"]}}
+
+
+def frozen_engine(settings: AgentSettings, world: Any, model_engine: Any) -> Any:
+    """The engine of the frozen roles and the tools' LLM: `IdealFrozenEngine` over all the world's
+    questions when settings.frozen == "ideal", else `model_engine` (the warm-started model)."""
+    if settings.frozen == "ideal":
+        return IdealFrozenEngine(tuple(world.train) + tuple(world.heldout))
+    return model_engine
 
 
 def build_toy_toolbox(corpus_path: str, engine: Any, settings: AgentSettings = AgentSettings()) -> Toolbox:
@@ -176,10 +198,13 @@ _QUERY_LINE = re.compile(r"\AQuery: (.*)")
 _PLAN_STEP = re.compile(r"Plan step (\d+) of at most (\d+)\.")
 _STEP_TOOL = re.compile(r"^Step (\d+): Tool: (.*)$", re.MULTILINE)
 _NUMBER = re.compile(r"\d+")
-_COMPUTE = re.compile(r"Compute (.+)\.\Z")
+_COMPUTE = re.compile(r"Compute (\d+ [-+*] \d+)\.\Z")
+_RESULT = re.compile(r"^result: (-?\d+)$", re.MULTILINE)
+_FACT = {"founded": "\\b{} was founded in (\\d+)\\.", "population": "\\b{} has a population of (\\d+)\\."}
 
 GENERALIST_JUSTIFICATION = "A general model can answer the query directly."
 GENERALIST_SUB_GOAL = "Answer the query directly."
+NO_ANSWER = "unknown"
 
 
 def planner_output(justification: str, context: str, sub_goal: str, tool_name: str) -> str:
@@ -207,8 +232,7 @@ def _steps(text: str) -> list[tuple[str, str]]:
     for i, head in enumerate(heads):
         end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
         block = text[head.end():end]
-        result = block.partition("\nResult: ")[2]
-        steps.append((head.group(2).strip(), result))
+        steps.append((head.group(2).strip(), block.partition("\nResult: ")[2]))
     return steps
 
 
@@ -216,26 +240,178 @@ def _section(text: str, start: str, end: str) -> str:
     return text.partition(start)[2].partition(end)[0]
 
 
-def answer_from_result(tool_name: str, result: str) -> str | None:
-    """The number the generator copies from a step's result, or None when there is none."""
-    if tool_name == SEARCH_TOOL:
-        first = result.partition("\n\n")[0]
-        text = first.partition("\n")[2]
-        numbers = _NUMBER.findall(text)
-        return numbers[-1] if numbers else None
-    if tool_name == PYTHON_TOOL:
-        match = re.search(r"result: (-?\d+)", result)
-        return match.group(1) if match else None
-    numbers = _NUMBER.findall(result)
-    return numbers[-1] if numbers else None
+def _attribute(q: Question) -> str:
+    return "population" if q.subtype in ("population", "combined_population") else "founded"
 
 
-class Oracle:
-    """Answers every role's requests for a set of questions (looked up by their text).
+class IdealFrozenModel:
+    """The frozen model of the toy world, written out: exact replies for every frozen role.
 
-    Replies depend only on the request (and the question it names), so they are deterministic
-    whatever the batch order. A request off the oracle's paths raises ValueError: demonstrations
-    must never contain improvised replies.
+    It plays what the paper's frozen Qwen2.5-7B does, perfectly and deterministically, for any
+    planner output (not only the oracle's): it understands the query (it looks the question up in
+    the world by its text, never the answer), resolves the planner's references ("the second city
+    in the query"), reads facts only from the memory in its prompt, and is fooled by the generalist.
+
+      query_analysis  the analysis of the question's kind
+      executor        search: "<city> founded|population" for the city and fact the sub-goal names
+                      (second city if it says "second", else the first; the fact named in the
+                      sub-goal, else the query's); python: the query's expression ("Compute a op b.")
+                      when the query has one, else the sub-goal; generalist: the full query
+      python_coder    prints "result: <value>" for "Compute a op b.", else a program printing nothing useful
+      generalist      the question's plausible wrong answer; a fixed wrong sentence for other texts
+      verifier        STOP after a generalist answer (fooled) or when the memory holds what the
+                      query needs (lookup: the fact; arithmetic: a program's result; composition:
+                      both facts); CONTINUE otherwise
+      generator       the generalist's number after a generalist answer; else the answer computed
+                      from the memory's facts; "unknown" when they are missing
+
+    `reply(messages)` raises ValueError only for prompts that are not the toy agent's.
+    """
+
+    def __init__(self, questions: Iterable[Question]):
+        self.questions = {q.text: q for q in questions}
+
+    def question(self, query: str) -> Question | None:
+        return self.questions.get(query)
+
+    def reply(self, messages: Sequence[Message]) -> str:
+        return getattr(self, f"_{role_of(messages)}")(messages)
+
+    # -- agent modules ------------------------------------------------------------------------------
+
+    def _query_analysis(self, messages: Sequence[Message]) -> str:
+        q = self.question(_query_of(messages))
+        if q is None:
+            return "The query is not one this agent knows how to analyse."
+        return toy_world.ANALYSES[(q.kind, q.subtype)]
+
+    def _executor(self, messages: Sequence[Message]) -> str:
+        user = _user(messages)
+        query = _query_of(messages)
+        tool = re.search(r"^Tool: (\S+)$", user, re.MULTILINE).group(1)
+        sub_goal = re.search(r"^Sub-goal: (.*)$", user, re.MULTILINE).group(1)
+        q = self.question(query)
+        if tool == GENERALIST_TOOL:
+            argument = query
+        elif tool == PYTHON_TOOL:
+            argument = f"Compute {q.expression}." if q is not None and q.kind == "arithmetic" else sub_goal
+        elif tool == SEARCH_TOOL and q is not None and q.entities:
+            lowered = sub_goal.lower()
+            attribute = ("population" if "population" in lowered else
+                         "founded" if "found" in lowered else _attribute(q))
+            city = q.entities[1] if "second" in lowered and len(q.entities) > 1 else q.entities[0]
+            argument = f"{city} {toy_world.KEYWORD[attribute]}"
+        else:
+            argument = sub_goal
+        return json.dumps({"tool_name": tool, "arguments": {"query": argument}}, ensure_ascii=False)
+
+    @staticmethod
+    def facts(q: Question, steps: Sequence[tuple[str, str]]) -> list[int | None]:
+        """The values the query needs, as found in the memory's results (None where missing).
+
+        lookup / composition: the fact of each city; arithmetic: the last program result.
+        """
+        if q.kind == "arithmetic":
+            results = [m.group(1) for tool, result in steps if tool == PYTHON_TOOL
+                       for m in [_RESULT.search(result)] if m]
+            return [int(results[-1]) if results else None]
+        pattern = _FACT[_attribute(q)]
+        values = []
+        for city in q.entities:
+            found = [re.search(pattern.format(re.escape(city)), result) for tool, result in steps
+                     if tool == SEARCH_TOOL]
+            found = [m for m in found if m]
+            values.append(int(found[-1].group(1)) if found else None)
+        return values
+
+    @staticmethod
+    def combine(q: Question, values: Sequence[int]) -> int:
+        if q.kind == "composition":
+            return values[1] - values[0] if q.subtype == "years_after" else values[0] + values[1]
+        return values[0]
+
+    def verdict(self, query: str, steps: Sequence[tuple[str, str]]) -> tuple[bool, str]:
+        """(stop, reasoning) for the memory `steps` [(tool, result)]."""
+        if steps and steps[-1][0] == GENERALIST_TOOL:
+            return True, "The generalist answered the query."
+        q = self.question(query)
+        if q is None:
+            return True, "The query cannot be answered with these tools."
+        values = self.facts(q, steps)
+        missing = sum(v is None for v in values)
+        if not missing:
+            return True, ("The program printed the result." if q.kind == "arithmetic" else
+                          "The search results answer the query." if q.kind == "lookup" else
+                          "Both facts are known; the answer follows from them.")
+        if q.kind == "arithmetic":
+            return False, "The exact result has not been computed yet."
+        what = toy_world.WHAT[_attribute(q)]
+        if q.kind == "lookup":
+            return False, f"The {what} has not been found yet."
+        return False, (f"The {what} of the second city is still missing." if values[0] is not None else
+                       f"The {what} of the first city is still missing." if values[1] is not None else
+                       f"Neither {what} has been found yet.")
+
+    def _verifier(self, messages: Sequence[Message]) -> str:
+        steps = _steps(_section(_user(messages), "Steps so far:\n", "\n\nCheck whether"))
+        stop, reasoning = self.verdict(_query_of(messages), steps)
+        return f"{reasoning}\nConclusion: {'STOP' if stop else 'CONTINUE'}"
+
+    def answer(self, query: str, steps: Sequence[tuple[str, str]]) -> str:
+        """The generator's answer for the memory `steps`."""
+        if steps and steps[-1][0] == GENERALIST_TOOL:
+            numbers = _NUMBER.findall(steps[-1][1])
+            return numbers[-1] if numbers else NO_ANSWER
+        q = self.question(query)
+        values = self.facts(q, steps) if q is not None else [None]
+        if any(v is None for v in values):
+            return NO_ANSWER
+        return str(self.combine(q, values))
+
+    def _generator(self, messages: Sequence[Message]) -> str:
+        steps = _steps(_section(_user(messages), "Steps taken:\n", "\n\nUsing these results"))
+        answer = self.answer(_query_of(messages), steps)
+        if answer == NO_ANSWER:
+            reasoning = "The steps do not contain what the query needs."
+        elif steps and steps[-1][0] == GENERALIST_TOOL:
+            reasoning = f"Step {len(steps)} gives the answer."
+        else:
+            q = self.question(_query_of(messages))
+            reasoning = ("Combining the two facts found." if q.kind == "composition" else
+                         f"Step {len(steps)} gives the answer.")
+        return f"{reasoning}\n<answer>{answer}</answer>"
+
+    # -- LLMs inside tools ----------------------------------------------------------------------------
+
+    def _python_coder(self, messages: Sequence[Message]) -> str:
+        task = _user(messages).rpartition("Task: ")[2]
+        match = _COMPUTE.fullmatch(task)
+        if match is None:
+            return '```python\nprint("The task gives no numbers to compute with.")\n```'
+        return f'```python\nprint("result:", {match.group(1)})\n```'
+
+    def _generalist(self, messages: Sequence[Message]) -> str:
+        q = self.question(_user(messages))
+        return q.generalist_answer if q is not None else "The answer is 42."
+
+
+class IdealFrozenEngine:
+    """An `Engine` serving `IdealFrozenModel`: the toy world's frozen model for rollouts and tools.
+
+    Thread-safe and stateless; replies carry no token ids (only planner calls are trained).
+    """
+
+    def __init__(self, questions: Iterable[Question]):
+        self.model = IdealFrozenModel(questions)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
+        return [Generation(text=self.model.reply(r.messages)) for r in requests]
+
+
+class OraclePlanner:
+    """The demonstrations' planner: the oracle step, or (corrupted) the generalist, at every step.
+
+    Only answers planner prompts on the oracle path (earlier steps followed the oracle).
     """
 
     def __init__(self, questions: Iterable[Question], corruption: Corruption = Corruption(), pass_index: int = 0):
@@ -243,107 +419,25 @@ class Oracle:
         self.corruption = corruption
         self.pass_index = pass_index
 
-    def question(self, messages: Sequence[Message]) -> Question:
-        query = _query_of(messages)
-        if query not in self.questions:
-            raise ValueError(f"the oracle knows no question {query!r}")
-        return self.questions[query]
-
-    def reply(self, messages: Sequence[Message]) -> str:
-        return getattr(self, f"_{role_of(messages)}")(messages)
-
-    def planner_choice(self, question: Question, step: int) -> str:
+    def choice(self, question: Question, step: int) -> str:
         """The tool the (corrupted) planner picks at `step` on the oracle path."""
         if self.corruption.wrong(question, step, self.pass_index):
             return GENERALIST_TOOL
         return question.plan[step - 1].tool_name
 
-    # -- agent modules --------------------------------------------------------------------------
-
-    def _query_analysis(self, messages: Sequence[Message]) -> str:
-        q = self.question(messages)
-        return toy_world.ANALYSES[(q.kind, q.subtype)]
-
-    def _planner(self, messages: Sequence[Message]) -> str:
-        q = self.question(messages)
+    def reply(self, messages: Sequence[Message]) -> str:
+        if role_of(messages) != "planner":
+            raise ValueError("OraclePlanner answers planner prompts only")
+        q = self.questions[_query_of(messages)]
         user = _user(messages)
         step = int(_PLAN_STEP.search(user).group(1))
         previous = [tool for tool, _ in _steps(_section(user, "Previous steps:\n", "\n\nPlan step"))]
-        expected = [s.tool_name for s in q.plan[:step - 1]]
-        if previous != expected or step > len(q.plan):
+        if previous != [s.tool_name for s in q.plan[:step - 1]] or step > len(q.plan):
             raise ValueError(f"planner request off the oracle path for {q.id}: steps {previous}, step {step}")
         oracle = q.plan[step - 1]
-        if self.planner_choice(q, step) == GENERALIST_TOOL:
+        if self.choice(q, step) == GENERALIST_TOOL:
             return planner_output(GENERALIST_JUSTIFICATION, oracle.context, GENERALIST_SUB_GOAL, GENERALIST_TOOL)
         return planner_output(oracle.justification, oracle.context, oracle.sub_goal, oracle.tool_name)
-
-    def _executor(self, messages: Sequence[Message]) -> str:
-        user = _user(messages)
-        tool = re.search(r"^Tool: (\S+)$", user, re.MULTILINE).group(1)
-        sub_goal = re.search(r"^Sub-goal: (.*)$", user, re.MULTILINE).group(1)
-        if tool == GENERALIST_TOOL:
-            query = _query_of(messages)
-        elif tool == PYTHON_TOOL:
-            query = sub_goal
-        elif tool == SEARCH_TOOL:
-            match = re.fullmatch(r"Find the (founding year|population) of (.+)\.", sub_goal)
-            if match is None:
-                raise ValueError(f"executor request off the oracle path: sub-goal {sub_goal!r}")
-            query = f"{match.group(2)} {'founded' if match.group(1) == 'founding year' else 'population'}"
-        else:
-            raise ValueError(f"executor request for an unknown tool {tool!r}")
-        return json.dumps({"tool_name": tool, "arguments": {"query": query}}, ensure_ascii=False)
-
-    def _verifier(self, messages: Sequence[Message]) -> str:
-        q = self.question(messages)
-        steps = [tool for tool, _ in _steps(_section(_user(messages), "Steps so far:\n", "\n\nCheck whether"))]
-        stop, reasoning = self.verdict(q, steps)
-        return f"{reasoning}\nConclusion: {'STOP' if stop else 'CONTINUE'}"
-
-    @staticmethod
-    def verdict(q: Question, steps: Sequence[str]) -> tuple[bool, str]:
-        """(stop, reasoning) after `steps` (tool names) on the oracle or generalist path."""
-        if steps and steps[-1] == GENERALIST_TOOL:
-            return True, "The generalist answered the query."
-        expected = [s.tool_name for s in q.plan[:len(steps)]]
-        if list(steps) != expected or not steps:
-            raise ValueError(f"verifier request off the oracle path for {q.id}: steps {list(steps)}")
-        if q.kind == "lookup":
-            return True, "The search result answers the query."
-        if q.kind == "arithmetic":
-            return True, "The program printed the result."
-        what = "founding year" if q.subtype == "years_after" else "population"
-        plural = "years" if q.subtype == "years_after" else "populations"
-        if len(steps) == 1:
-            return False, f"The second {what} is still missing."
-        if len(steps) == 2:
-            return False, f"Both {plural} are known but not yet combined."
-        return True, "The program computed the answer."
-
-    def _generator(self, messages: Sequence[Message]) -> str:
-        steps = _steps(_section(_user(messages), "Steps taken:\n", "\n\nUsing these results"))
-        if not steps:
-            raise ValueError("generator request without steps")
-        tool, result = steps[-1]
-        answer = answer_from_result(tool, result)
-        if answer is None:
-            raise ValueError(f"no answer in the last step's result {result[:120]!r}")
-        return f"The answer comes from step {len(steps)}.\n<answer>{answer}</answer>"
-
-    # -- LLMs inside tools ------------------------------------------------------------------------
-
-    def _python_coder(self, messages: Sequence[Message]) -> str:
-        task = _user(messages).rpartition("Task: ")[2]
-        match = _COMPUTE.fullmatch(task)
-        if match is None:
-            raise ValueError(f"python task off the oracle path: {task!r}")
-        return f'```python\nprint("result:", {match.group(1)})\n```'
-
-    def _generalist(self, messages: Sequence[Message]) -> str:
-        query = _user(messages)
-        if query not in self.questions:
-            raise ValueError(f"generalist request for an unknown question {query!r}")
-        return self.questions[query].generalist_answer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,19 +483,18 @@ class Demo:
 
 
 class _RecordingEngine:
-    """A ScriptedEngine on the oracle that also keeps every (messages, reply) it produced."""
+    """Answers with `reply(messages)` and keeps every (messages, reply) it produced."""
 
-    def __init__(self, oracle: Oracle):
-        self.oracle = oracle
+    def __init__(self, reply: Callable[[Sequence[Message]], str]):
         self.calls: list[tuple[tuple[Message, ...], str]] = []
         self._lock = threading.Lock()
-        self._engine = ScriptedEngine(self._respond)
+        self._engine = ScriptedEngine(lambda request: self._respond(reply, request))
 
-    def _respond(self, request: GenerationRequest) -> str:
-        reply = self.oracle.reply(request.messages)
+    def _respond(self, reply: Callable[[Sequence[Message]], str], request: GenerationRequest) -> str:
+        text = reply(request.messages)
         with self._lock:
-            self.calls.append((tuple(request.messages), reply))
-        return reply
+            self.calls.append((tuple(request.messages), text))
+        return text
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Generation]:
         return self._engine.generate(requests)
@@ -416,26 +509,11 @@ class Recording:
     questions: tuple[Question, ...]
 
 
-def _demo(oracle: Oracle, messages: tuple[Message, ...], reply: str) -> Demo:
-    role = role_of(messages)
-    if role == "generalist":
-        qid = oracle.questions[_user(messages)].id
-    elif role == "python_coder":
-        qid = ""  # the python prompt names no question; filled in below
-    else:
-        qid = oracle.question(messages).id
-    if role != "planner":
-        return Demo(role=role, messages=messages, target=reply, question_id=qid)
-    q = oracle.question(messages)
-    step = int(_PLAN_STEP.search(_user(messages)).group(1))
-    return Demo(role=role, messages=messages, target=reply, question_id=qid, step=step,
-                oracle_tool=q.plan[step - 1].tool_name, chosen_tool=oracle.planner_choice(q, step))
-
-
 def record_demonstrations(questions: Sequence[Question], corpus_path: str, *,
                           settings: AgentSettings = AgentSettings(), corruption: Corruption = Corruption(),
                           pass_index: int = 0, check_answers: bool = True) -> Recording:
-    """Replays the oracle on `questions` through `rollout_batch` and records every model call.
+    """Replays the oracle planner and the ideal frozen model on `questions` through
+    `rollout_batch` with the real tools, and records every model call.
 
     Args:
       questions: distinct question texts.
@@ -446,13 +524,14 @@ def record_demonstrations(questions: Sequence[Question], corpus_path: str, *,
       check_answers: assert that every oracle-path trajectory ends with the gold answer and every
         generalist-path one with the generalist's number (catches search-ranking failures).
     Returns:
-      the demonstrations in call order, and the trajectories.
+      the demonstrations (sorted by question, role, step), and the trajectories.
     """
     if len({q.text for q in questions}) != len(questions):
         raise ValueError("record_demonstrations needs distinct question texts")
-    oracle = Oracle(questions, corruption, pass_index)
-    planner = _RecordingEngine(oracle)
-    frozen = _RecordingEngine(oracle)
+    oracle = OraclePlanner(questions, corruption, pass_index)
+    ideal = IdealFrozenModel(questions)
+    planner = _RecordingEngine(oracle.reply)
+    frozen = _RecordingEngine(ideal.reply)
     toolbox = build_toy_toolbox(corpus_path, frozen, settings)
     trajectories = rollout_batch([q.text for q in questions], n=1, planner=planner, frozen=frozen,
                                  toolbox=toolbox, config=settings.rollout_config())
@@ -461,24 +540,32 @@ def record_demonstrations(questions: Sequence[Question], corpus_path: str, *,
         for t in trajectories:
             q = by_text[t.memory.query]
             tools = [turn.tool_name for turn in t.memory.turns]
-            expected = toy_world.normalize_answer(
-                _NUMBER.findall(q.generalist_answer)[-1] if GENERALIST_TOOL in tools else q.answer)
+            expected = _NUMBER.findall(q.generalist_answer)[-1] if GENERALIST_TOOL in tools else q.answer
             if t.answer != expected:
                 raise AssertionError(f"oracle replay of {q.id} ({q.text!r}) ended with {t.answer!r}, expected "
                                      f"{expected!r}; tools {tools}; last result "
                                      f"{t.memory.turns[-1].result[:200]!r}")
-    # Python-coder prompts carry only the task; attribute them to the question whose trajectory ran them.
-    task_owner = {}
+    task_owner = {}  # Python-coder prompts carry only the task: attribute them to their trajectory's question
     for t in trajectories:
         for turn in t.turns:
             if turn.command is not None and turn.command.tool_name == PYTHON_TOOL:
                 task_owner[turn.command.arguments["query"]] = by_text[t.memory.query].id
     demos = []
     for messages, reply in planner.calls + frozen.calls:
-        demo = _demo(oracle, messages, reply)
-        if demo.role == "python_coder":
-            demo = dataclasses.replace(demo, question_id=task_owner[_user(messages).rpartition("Task: ")[2]])
-        demos.append(demo)
+        role = role_of(messages)
+        if role == "planner":
+            q = by_text[_query_of(messages)]
+            step = int(_PLAN_STEP.search(_user(messages)).group(1))
+            demos.append(Demo(role=role, messages=messages, target=reply, question_id=q.id, step=step,
+                              oracle_tool=q.plan[step - 1].tool_name, chosen_tool=oracle.choice(q, step)))
+            continue
+        if role == "generalist":
+            qid = by_text[_user(messages)].id
+        elif role == "python_coder":
+            qid = task_owner[_user(messages).rpartition("Task: ")[2]]
+        else:
+            qid = by_text[_query_of(messages)].id
+        demos.append(Demo(role=role, messages=messages, target=reply, question_id=qid))
     demos.sort(key=lambda d: (d.question_id, ROLES.index(d.role), d.step))
     return Recording(demos=tuple(demos), trajectories=tuple(trajectories), questions=tuple(questions))
 

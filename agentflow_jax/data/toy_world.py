@@ -15,8 +15,12 @@ must visibly improve a tiny planner (see /TOY_WORLD.md of the project docs):
     kind         example                                                  right tools
     lookup       "In what year was the city of Velmora founded?"          search
     arithmetic   "What is 4817 times 36?"                                 python
-    composition  "How many years after the founding of Velmora was         search, search, python
-                  Quillon founded?"
+    composition  "How many years after the founding of Velmora was         search, search
+                  Quillon founded?"                                       (the generator combines)
+
+  Oracle sub-goals refer to the query ("the first city in the query", "the expression in the
+  query") rather than copying names and numbers: a tiny model trained for minutes cannot learn to
+  copy reliably, and the planner never needs to (see demonstrations.IdealFrozenModel).
 
   Every kind has several phrasings (templates); half of them are *tempting*: the warm-start
   planner's demonstrations pick the generalist tool for them most of the time (see
@@ -250,9 +254,9 @@ class Question:
       text: the question.
       answer: the gold answer (digits).
       entities: the cities it mentions, in order.
-      operands: the numbers the final computation uses (arithmetic: from the question;
-        composition: the looked-up facts, in the order of `expression`).
-      expression: the Python expression computing the answer ("" for lookups).
+      operands: the numbers the answer is computed from (arithmetic: from the question;
+        composition: the facts of the first and second city; lookup: the fact).
+      expression: the arithmetic computing the answer ("" for lookups).
       plan: the oracle steps.
       generalist_answer: the plausible-looking wrong answer the generalist tool's demonstrations give.
     """
@@ -309,33 +313,36 @@ ANALYSES = {
     ("arithmetic", "times"): "The query asks for an exact product of large numbers; it needs computation.",
     ("arithmetic", "plus"): "The query asks for an exact sum of large numbers; it needs computation.",
     ("arithmetic", "minus"): "The query asks for an exact difference of large numbers; it needs computation.",
-    ("composition", "years_after"): ("The query asks for the years between two foundings; it needs two "
-                                     "founding years from the passages, then a subtraction."),
-    ("composition", "combined_population"): ("The query asks for a total population; it needs two "
-                                             "populations from the passages, then an addition."),
+    ("composition", "years_after"): ("The query asks for the years between two foundings; it needs the "
+                                     "two founding years from the passages."),
+    ("composition", "combined_population"): ("The query asks for a total population; it needs the two "
+                                             "populations from the passages."),
 }
 
 NO_CONTEXT = "None."
+WHAT = {"founded": "founding year", "population": "population"}
+KEYWORD = {"founded": "founded", "population": "population"}
 
 
 def fact_sentence(attribute: str, name: str, value: int) -> str:
-    """How the planner restates a looked-up fact in its Context field."""
+    """A fact as the corpus states it (and as the ideal frozen model reads it from memory)."""
     if attribute == "founded":
         return f"{name} was founded in {value}."
     return f"{name} has a population of {value}."
 
 
-def _lookup_step(attribute: str, name: str, justification: str, context: str) -> OracleStep:
-    what = "founding year" if attribute == "founded" else "population"
-    keyword = "founded" if attribute == "founded" else "population"
+def _lookup_step(attribute: str, name: str, which: str, justification: str, context: str) -> OracleStep:
+    """A search step; the sub-goal refers to the city ("the city in the query", "the first city in the
+    query") instead of copying its name, and the executor resolves the reference."""
     return OracleStep(tool_name=SEARCH_TOOL, justification=justification, context=context,
-                      sub_goal=f"Find the {what} of {name}.", tool_query=f"{name} {keyword}")
+                      sub_goal=f"Find the {WHAT[attribute]} of {which} in the query.",
+                      tool_query=f"{name} {KEYWORD[attribute]}")
 
 
-def _compute_step(expression: str, justification: str, context: str) -> OracleStep:
-    sub_goal = f"Compute {expression}."
-    return OracleStep(tool_name=PYTHON_TOOL, justification=justification, context=context, sub_goal=sub_goal,
-                      tool_query=sub_goal)
+def _compute_step(expression: str) -> OracleStep:
+    return OracleStep(tool_name=PYTHON_TOOL, justification="Exact arithmetic on large numbers needs code.",
+                      context=NO_CONTEXT, sub_goal="Compute the expression in the query.",
+                      tool_query=f"Compute {expression}.")
 
 
 def _wrong_number(gold: int, rng: random.Random) -> int:
@@ -360,8 +367,8 @@ def generalist_sentence(kind: str, subtype: str, value: int) -> str:
 def _lookup_question(qid: str, split: str, e: Entity, subtype: str, template: int, rng: random.Random) -> Question:
     phrasing, tempting = LOOKUP_TEMPLATES[subtype][template]
     value = e.founded if subtype == "founded" else e.population
-    what = "founding year" if subtype == "founded" else "population"
-    step = _lookup_step(subtype, e.name, f"The {what} of {e.name} must be looked up.", NO_CONTEXT)
+    step = _lookup_step(subtype, e.name, "the city", f"The {WHAT[subtype]} of the city must be looked up.",
+                        NO_CONTEXT)
     wrong = _wrong_number(value, rng) if subtype == "population" else _wrong_year(value, rng)
     return Question(id=qid, split=split, kind="lookup", subtype=subtype, template=template, tempting=tempting,
                     text=phrasing.format(x=e.name), answer=str(value), entities=(e.name,), operands=(value,),
@@ -389,7 +396,7 @@ def _arithmetic_question(qid: str, split: str, subtype: str, template: int, rng:
     a, b = _arithmetic_operands(subtype, rng)
     expression = f"{a} {_OPERATOR[subtype]} {b}"
     value = {"times": a * b, "plus": a + b, "minus": a - b}[subtype]
-    step = _compute_step(expression, "Exact arithmetic on large numbers needs code.", NO_CONTEXT)
+    step = _compute_step(expression)
     return Question(id=qid, split=split, kind="arithmetic", subtype=subtype, template=template, tempting=tempting,
                     text=phrasing.format(a=a, b=b), answer=str(value), entities=(), operands=(a, b),
                     expression=expression, plan=(step,),
@@ -398,26 +405,22 @@ def _arithmetic_question(qid: str, split: str, subtype: str, template: int, rng:
 
 def _composition_question(qid: str, split: str, x: Entity, y: Entity, subtype: str, template: int,
                           rng: random.Random) -> Question:
-    """Years: x founded before y, answer y.founded - x.founded. Population: the sum."""
+    """Two searches, then the generator combines the facts: years_after = y.founded - x.founded
+    (x founded first), combined_population = the sum."""
     phrasing, tempting = COMPOSITION_TEMPLATES[subtype][template]
     attribute = "founded" if subtype == "years_after" else "population"
     fx, fy = getattr(x, attribute), getattr(y, attribute)
-    if subtype == "years_after":
-        expression, value, what, op = f"{fy} - {fx}", fy - fx, "founding year", "difference"
-        plural = "years"
-    else:
-        expression, value, what, op = f"{fx} + {fy}", fx + fy, "population", "sum"
-        plural = "populations"
-    first, second = fact_sentence(attribute, x.name, fx), fact_sentence(attribute, y.name, fy)
+    expression, value = (f"{fy} - {fx}", fy - fx) if subtype == "years_after" else (f"{fx} + {fy}", fx + fy)
+    what = WHAT[attribute]
     plan = (
-        _lookup_step(attribute, x.name, f"The {what} of {x.name} must be looked up first.", NO_CONTEXT),
-        _lookup_step(attribute, y.name, f"The {what} of {y.name} is still missing.", first),
-        _compute_step(expression, f"Both {plural} are known; their {op} needs code.", f"{first[:-1]}; {second}"),
+        _lookup_step(attribute, x.name, "the first city", f"The {what} of the first city must be looked up.",
+                     NO_CONTEXT),
+        _lookup_step(attribute, y.name, "the second city", f"The {what} of the second city is still missing.",
+                     f"The {what} of the first city is known."),
     )
     return Question(id=qid, split=split, kind="composition", subtype=subtype, template=template,
                     tempting=tempting, text=phrasing.format(x=x.name, y=y.name), answer=str(value),
-                    entities=(x.name, y.name), operands=(fy, fx) if subtype == "years_after" else (fx, fy),
-                    expression=expression, plan=plan,
+                    entities=(x.name, y.name), operands=(fx, fy), expression=expression, plan=plan,
                     generalist_answer=generalist_sentence("composition", subtype, _wrong_number(value, rng)))
 
 
