@@ -26,14 +26,23 @@ def _numpy_kept(logits: np.ndarray, temperature: float, top_p: float, top_k: int
     return kept
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 0.5, 0), (0.7, 0.9, 0), (1.0, 1.0, 7), (1.3, 0.8, 12)])
-def test_kept_tokens_match_sorted_reference(temperature, top_p, top_k):
-    logits = np.random.RandomState(0).normal(size=(16, 1000)).astype(np.float32) * 3
+@pytest.mark.parametrize("scale,temperature,top_p,top_k", [
+    (3.0, 1.0, 0.5, 0), (3.0, 0.7, 0.9, 0), (3.0, 1.0, 1.0, 7), (3.0, 1.3, 0.8, 12),  # thresholds among the top 64
+    (0.3, 1.0, 0.9, 0), (0.3, 1.0, 1.0, 100), (0.3, 1.0, 0.5, 80),  # beyond them: bisection over the vocabulary
+    ("mixed", 1.0, 0.9, 0),  # some rows peaked, some flat
+])
+def test_kept_tokens_match_sorted_reference(scale, temperature, top_p, top_k):
+    logits = np.random.RandomState(0).normal(size=(16, 1000)).astype(np.float32)
+    logits *= np.where(np.arange(16) < 8, 3.0, 0.3)[:, None] if scale == "mixed" else scale
     rule = rules.sampling_rule(temperature, top_p, top_k)
     relative = jnp.asarray(logits) / rule.temperature
     relative = relative - relative.max(axis=-1, keepdims=True)
     kept = np.asarray(rules.truncated_weights(relative, jnp.exp(relative), rule)) > 0
-    np.testing.assert_array_equal(kept, _numpy_kept(logits, temperature, top_p, top_k))
+    expected = _numpy_kept(logits, temperature, top_p, top_k)
+    np.testing.assert_array_equal(kept, expected)
+    # Both ways of finding a threshold are covered: the k-th / nucleus end lies beyond the candidates.
+    beyond_candidates = max(expected.sum(axis=-1).max(), top_k) > rules.CANDIDATES
+    assert beyond_candidates == (scale != 3.0)
 
 
 def test_order_keys_preserve_float_order():

@@ -229,6 +229,7 @@ class Sampler:
             self.trace_counts[name] += 1
             return fn(*args, **kwargs)
 
+        traced.__name__ = traced.__qualname__ = f"sampler_{name}"  # names the program in compile logs
         return traced
 
     def _tracing_context(self) -> contextlib.AbstractContextManager:

@@ -1,9 +1,11 @@
 """Sampler speed against transformers `generate` (PyTorch CPU), same random weights, one process.
 
     python experiments/benchmarks/sampler_bench.py                      # the default table
-    python experiments/benchmarks/sampler_bench.py --batches 1,16 --dtype bfloat16
+    python experiments/benchmarks/sampler_bench.py --batches 1,16 --bf16
 
-Prints greedy new tokens/s of both systems for each batch size and their ratio, then the prefill
+Prints greedy new tokens/s of both systems (float32) for each batch size and their ratio (with
+--bf16 also our sampler with bfloat16 weights and compute against the same float32 baseline),
+then the prefill
 time of one prompt sampled n times (prefill once, cache broadcast) against the same prompt
 repeated n times. Timings are the best of --repeats runs after one warm-up run (which also
 compiles): on a shared machine the best run is the one least disturbed by other processes.
@@ -28,6 +30,9 @@ from agentflow_jax.models import qwen2
 from agentflow_jax.sampling import Sampler
 
 
+SHORT_NAMES = {"float32": "f32", "bfloat16": "bf16"}
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, default=32_000)
@@ -40,8 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     parser.add_argument("--group-n", type=int, default=8, help="samples per prompt in the prefill comparison")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights and compute dtype of both systems")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time our sampler with bfloat16 weights and compute (same weights, cast)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -64,7 +69,7 @@ def format_load() -> str:
 
 
 def build_models(args: argparse.Namespace, directory: str):
-    """(transformers model, our model) with identical random weights (tied embeddings)."""
+    """transformers model and ours ({dtype name: model}) with identical random weights (tied embeddings)."""
     config = transformers.Qwen2Config(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
@@ -72,9 +77,8 @@ def build_models(args: argparse.Namespace, directory: str):
     torch.manual_seed(args.seed)
     hf = transformers.Qwen2ForCausalLM(config).eval()
     hf.save_pretrained(directory)
-    torch_dtype = getattr(torch, args.dtype)
-    ours = qwen2.from_pretrained(directory, dtype=jnp.dtype(args.dtype))
-    return hf.to(torch_dtype), ours
+    dtypes = ("float32", "bfloat16") if args.bf16 else ("float32",)
+    return hf, {name: qwen2.from_pretrained(directory, dtype=jnp.dtype(name)) for name in dtypes}
 
 
 def hf_greedy(hf: transformers.Qwen2ForCausalLM, prompts: np.ndarray, new_tokens: int) -> np.ndarray:
@@ -93,27 +97,32 @@ def main() -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} | torch {torch.__version__} threads "
           f"{torch.get_num_threads()} | transformers {transformers.__version__} | {os.cpu_count()} CPU cores")
     print(f"model: vocab {args.vocab}, hidden {args.hidden}, mlp {args.intermediate}, {args.layers} layers, "
-          f"{args.heads} heads / {args.kv_heads} KV heads, tied, {args.dtype}; prompt {args.prompt_len} tokens, "
+          f"{args.heads} heads / {args.kv_heads} KV heads, tied, float32; prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, greedy; best of {args.repeats} after warm-up; "
           f"load average at the start {format_load()}\n")
     with tempfile.TemporaryDirectory() as directory:
         hf, ours = build_models(args, directory)
-    sampler = Sampler(ours, max_cache_length=args.prompt_len + args.new_tokens)
+    samplers = {name: Sampler(model, max_cache_length=args.prompt_len + args.new_tokens) for name, model in ours.items()}
+    sampler = samplers["float32"]
 
-    print(f"{'batch':>5} | {'ours tok/s':>10} | {'HF tok/s':>9} | {'ratio':>6} | greedy tokens equal")
+    header = f"{'batch':>5} | {'HF f32 tok/s':>12}"
+    for name in samplers:
+        header += f" | {'ours ' + SHORT_NAMES[name] + ' tok/s':>15} | {'ratio':>6} | {'same tokens':>11}"
+    print(header)
     for batch in batches:
         prompts = rng.randint(0, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
-        prompt_lists = prompts.tolist()
-
-        def run_ours():
-            return sampler.generate(prompt_lists, max_new_tokens=args.new_tokens, temperature=0.0)
-
-        ours_s = best_seconds(run_ours, args.repeats)
         hf_s = best_seconds(lambda: hf_greedy(hf, prompts, args.new_tokens), args.repeats)
-        same = np.mean(np.array(run_ours().tokens) == hf_greedy(hf, prompts, args.new_tokens))
+        hf_tokens = hf_greedy(hf, prompts, args.new_tokens)
         new_tokens = batch * args.new_tokens
-        print(f"{batch:>5} | {new_tokens / ours_s:>10.1f} | {new_tokens / hf_s:>9.1f} | {hf_s / ours_s:>5.2f}x | "
-              f"{same:.1%}")
+        row = f"{batch:>5} | {new_tokens / hf_s:>12.1f}"
+        for name, each in samplers.items():
+            def run(each=each):
+                return each.generate(prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0.0)
+
+            ours_s = best_seconds(run, args.repeats)
+            same = np.mean(np.array(run().tokens) == hf_tokens)
+            row += f" | {new_tokens / ours_s:>15.1f} | {hf_s / ours_s:>5.2f}x | {same:>11.1%}"
+        print(row, flush=True)
 
     prompt = rng.randint(0, args.vocab, size=args.prompt_len).tolist()
     n = args.group_n

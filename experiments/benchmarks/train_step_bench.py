@@ -9,6 +9,11 @@ so 128 loss tokens per row) on the ~40M-parameter benchmark config, both on the 
 torch with one thread per core. Before timing, the script checks once that both implementations
 give the same loss and gradient norms (printed).
 
+Ours computes LM-head logits only at loss-mask positions (`policy_loss` passes the loss mask to
+`logprobs.token_logprobs`); the plain torch loss computes logits at all B * T positions, as
+`model(...).logits` does. A second torch row applies the same trick in torch (`lm_head` on the
+hidden states of loss positions only) to separate the algorithmic saving from the framework.
+
 Achieved FLOP/s are model FLOPs of the update divided by its time, as a fraction of the best
 matmul rate measured in the same process (jnp.dot of 4096x512 @ 512x1408 and 2048^3, same dtype):
 
@@ -19,7 +24,9 @@ token; norms and biases are negligible): 2 FLOPs per parameter per token in the 
 4 in the backward pass. The second term is the attention score and value matmuls (QK^T, PV:
 2 * 2 * T^2 * H * Dh per layer and row forward, x3 for forward + backward) at full T x T, as our
 kernel computes them (no causal skipping). Recomputation (checkpointed LM-head chunks) and the
-optimizer are not counted, so the fraction is a model-FLOP utilisation.
+optimizer are not counted, so the fraction is a model-FLOP utilisation. Rows that apply the LM
+head on loss positions only execute fewer FLOPs than this convention counts: the script also
+prints those ("executed"), with the LM-head share 6 * V * D * N_loss instead of 6 * V * D * B * T.
 
     python experiments/benchmarks/train_step_bench.py [--batch 8 --prompt 384 --response 128 --repeats 3]
 """
@@ -61,6 +68,12 @@ def model_flops(config: qwen2.Qwen2Config, batch: int, length: int) -> float:
     return 6.0 * config.num_params * batch * length + 12.0 * config.num_layers * batch * length ** 2 * attn_width
 
 
+def executed_flops(config: qwen2.Qwen2Config, batch: int, length: int, loss_tokens: int) -> float:
+    """`model_flops` with the (tied) LM head applied to the loss tokens only."""
+    head = config.vocab_size * config.hidden_size
+    return model_flops(config, batch, length) - 6.0 * head * (batch * length - loss_tokens)
+
+
 def matmul_peak(dtype, repeats: int) -> tuple[float, str]:
     """Best FLOP/s of a large jnp.dot in `dtype` (float32 accumulation), and which shape gave it."""
     best, best_shape = 0.0, ""
@@ -92,21 +105,33 @@ def make_records(batch: int, prompt: int, response: int, vocab: int, seed: int) 
 # ----------------------------------------------------------------------------------------------
 
 
-def torch_policy_loss(model, t: dict[str, torch.Tensor], config: loss_lib.LossConfig):
-    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False).logits
+def torch_policy_loss(model, t: dict[str, torch.Tensor], config: loss_lib.LossConfig,
+                      loss_positions_only: bool = False):
+    """Token-mean Flow-GRPO loss; `loss_positions_only` applies the LM head to loss-mask positions only."""
+    if loss_positions_only:
+        hidden = model.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
+                             use_cache=False).last_hidden_state
+        keep = t["loss_mask"] > 0
+        logits = model.lm_head(hidden[keep])  # [N_loss, V]
+        targets, old, ref = t["targets"][keep], t["old_logprobs"][keep], t["ref_logprobs"][keep]
+        adv = t["advantages"].unsqueeze(-1).expand_as(t["loss_mask"])[keep]
+        mask = torch.ones_like(old)
+    else:
+        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False).logits
+        targets, old, ref = t["targets"], t["old_logprobs"], t["ref_logprobs"]
+        adv = t["advantages"].unsqueeze(-1)
+        mask = t["loss_mask"]
     logits = logits.float() / config.temperature
     log_probs = torch.log_softmax(logits, dim=-1)
-    logp = log_probs.gather(-1, t["targets"].unsqueeze(-1)).squeeze(-1)
+    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():  # metric only (entropy_coef = 0), as ours computes it
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-    adv = t["advantages"].unsqueeze(-1)
-    ratio = torch.exp(torch.clamp(logp - t["old_logprobs"], -config.log_ratio_clamp, config.log_ratio_clamp))
+    ratio = torch.exp(torch.clamp(logp - old, -config.log_ratio_clamp, config.log_ratio_clamp))
     pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - config.clip_low, 1 + config.clip_high))
     pg = torch.where(adv < 0, torch.minimum(pg, -adv * config.dual_clip), pg)
-    d = torch.clamp(logp - t["ref_logprobs"], -config.log_ratio_clamp, config.log_ratio_clamp)
+    d = torch.clamp(logp - ref, -config.log_ratio_clamp, config.log_ratio_clamp)
     kl = torch.clamp(torch.exp(-d) + d - 1, -config.k3_value_clamp, config.k3_value_clamp)
     per_token = pg + config.kl_coef * kl
-    mask = t["loss_mask"]
     loss = (per_token * mask).sum() / mask.sum()
     return loss, entropy
 
@@ -121,9 +146,12 @@ def main() -> None:
                         help="LossConfig.logits_chunk_size (positions per LM-head chunk)")
     parser.add_argument("--remat", action="store_true", help="build our model with remat=True")
     parser.add_argument("--no-bf16", action="store_true", help="skip our bfloat16 variant")
+    parser.add_argument("--no-torch-masked", action="store_true",
+                        help="skip the torch row that applies the LM head on loss positions only")
     args = parser.parse_args()
 
     torch.set_num_threads(os.cpu_count())
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     config = qwen2.Qwen2Config(**BENCH_CONFIG)
     hf = transformers.Qwen2ForCausalLM(hf_config(BENCH_CONFIG)).train()
@@ -196,11 +224,11 @@ def main() -> None:
             "old_logprobs": torch.from_numpy(old), "ref_logprobs": torch.from_numpy(ref)}
     optimizer = torch.optim.AdamW(hf.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
 
-    def torch_grad():
+    def torch_grad(loss_positions_only: bool = False):
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = torch_policy_loss(hf, t_in, loss_config)
+        loss, _ = torch_policy_loss(hf, t_in, loss_config, loss_positions_only)
         loss.backward()
-        return loss
+        return loss.detach()
 
     def torch_opt():
         torch.nn.utils.clip_grad_norm_(hf.parameters(), MAX_GRAD_NORM)
@@ -234,6 +262,12 @@ def main() -> None:
         rel = abs(a - b) / max(abs(b), 1e-30)
         worst = max(worst, rel)
         print(f"check: grad norm {name:<22} ours {a:.6e}  torch {b:.6e}  rel diff {rel:.1e}")
+    loss_torch_masked = torch_grad(loss_positions_only=True)
+    masked_global = float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in hf.parameters())))
+    masked_rel = abs(masked_global - float(pairs["global"][0])) / float(pairs["global"][0])
+    print(f"check: torch with LM head on loss positions only: loss {float(loss_torch_masked):.7f}, "
+          f"global grad norm {masked_global:.6e} (rel diff to ours {masked_rel:.1e})")
+    worst = max(worst, masked_rel, abs(float(loss_torch_masked) - float(loss_ours)))
     print(f"check: {'OK' if worst < 1e-4 and abs(float(loss_ours) - float(loss_torch)) < 1e-4 else 'MISMATCH'} "
           f"(tolerance 1e-4)")
     del grads, metrics
@@ -251,30 +285,49 @@ def main() -> None:
         torch_opt()
 
     results["transformers+torch float32"] = (t_grad, t_opt, median_seconds(torch_update, repeats=args.repeats))
+    if not args.no_torch_masked:
+        def torch_update_masked():
+            torch_grad(loss_positions_only=True)
+            torch_opt()
+
+        results["torch, LM head on loss tokens"] = (
+            median_seconds(lambda: torch_grad(loss_positions_only=True), repeats=args.repeats), t_opt,
+            median_seconds(torch_update_masked, repeats=args.repeats))
     peak16 = None
     if ours_bf16 is not None:
         peak16, shape16 = matmul_peak(jnp.bfloat16, args.repeats)
         results["ours bf16 compute, f32 params"] = time_jax(ours_bf16)
 
     flops = model_flops(config, rows, length)
+    loss_tokens = int(batch.loss_mask.sum())
+    executed = executed_flops(config, rows, length, loss_tokens)
     print(f"machine: {machine_summary()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
     print(f"model: {config.num_params / 1e6:.1f}M params; batch {rows} x {length} tokens "
           f"({int(batch.loss_mask.sum())} loss tokens); LossConfig token-mean, k3 KL coef {loss_config.kl_coef}, "
           f"dual clip {loss_config.dual_clip}, logits chunk {loss_config.logits_chunk_size}; "
           f"remat {args.remat}; optimizer clip_by_global_norm({MAX_GRAD_NORM}) + AdamW")
-    print(f"model FLOPs per update: {flops / 1e12:.3f} TFLOP (6*P*B*T + 12*L*B*T^2*H*Dh)")
+    print(f"model FLOPs per update: {flops / 1e12:.3f} TFLOP (6*P*B*T + 12*L*B*T^2*H*Dh); executed with the LM "
+          f"head on the {loss_tokens} loss tokens only: {executed / 1e12:.3f} TFLOP")
+    print(f"load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+          f"(shared machine: numbers are only comparable within one run)")
     print(f"matmul peak float32: {peak32 / 1e9:.1f} GFLOP/s ({shape32})"
           + (f"; bfloat16: {peak16 / 1e9:.1f} GFLOP/s ({shape16})" if peak16 else ""))
+    print("update = loss+grad and optimizer step (ours: one jitted call); GFLOP/s and 'of peak' count model "
+          "FLOPs (6PT convention); 'executed' counts the FLOPs that row's implementation actually needs")
     print(f"{'':32s} {'loss+grad ms':>12s} {'optim ms':>9s} {'update ms':>10s} {'tokens/s':>9s} "
-          f"{'GFLOP/s':>8s} {'of peak':>8s}")
+          f"{'GFLOP/s':>8s} {'of peak':>8s} {'executed':>9s}")
     for name, (tg, to, tu) in results.items():
         peak = peak16 if "bf16" in name else peak32
+        done = flops if name == "transformers+torch float32" else executed
         print(f"{name:32s} {tg * 1e3:12.1f} {to * 1e3:9.1f} {tu * 1e3:10.1f} {tokens / tu:9.0f} "
-              f"{flops / tu / 1e9:8.1f} {flops / tu / peak:8.1%}")
+              f"{flops / tu / 1e9:8.1f} {flops / tu / peak:8.1%} {done / tu / peak:9.1%}")
     ours_t = results["ours float32"][2]
     torch_t = results["transformers+torch float32"][2]
     print(f"ratio ours / torch, full update (float32, tokens/s): {torch_t / ours_t:.2f}  "
           f"(loss+grad only: {results['transformers+torch float32'][0] / results['ours float32'][0]:.2f})")
+    if not args.no_torch_masked:
+        print(f"ratio ours / torch with the LM head on loss tokens too: "
+              f"{results['torch, LM head on loss tokens'][2] / ours_t:.2f}")
     if ours_bf16 is not None:
         print(f"ratio ours bf16 / torch float32, full update: {torch_t / results['ours bf16 compute, f32 params'][2]:.2f}")
 
