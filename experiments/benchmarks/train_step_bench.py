@@ -28,6 +28,10 @@ optimizer are not counted, so the fraction is a model-FLOP utilisation. Rows tha
 head on loss positions only execute fewer FLOPs than this convention counts: the script also
 prints those ("executed"), with the LM-head share 6 * V * D * N_loss instead of 6 * V * D * B * T.
 
+The variants are timed in rounds (each runs once per round) so that load from other processes on
+a shared machine falls on all of them alike; the table shows medians over rounds, and the ratio
+lines also give the ratio of the fastest rounds.
+
     python experiments/benchmarks/train_step_bench.py [--batch 8 --prompt 384 --response 128 --repeats 3]
 """
 
@@ -36,8 +40,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import tempfile
 import time
+from typing import Callable
 
 import flax.nnx as nnx
 import jax
@@ -86,6 +92,20 @@ def matmul_peak(dtype, repeats: int) -> tuple[float, str]:
         if rate > best:
             best, best_shape = rate, f"{m}x{k}x{n}"
     return best, best_shape
+
+
+def interleaved_seconds(fns: dict, *, repeats: int, warmup: int = 1) -> dict:
+    """Wall times of each fn() (which must block until done), run in rounds: key -> list of `repeats` seconds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return times
 
 
 def make_records(batch: int, prompt: int, response: int, vocab: int, seed: int) -> list[TurnRecord]:
@@ -199,13 +219,10 @@ def main() -> None:
 
         return state, value_and_grad, update, opt_only
 
-    def time_jax(model):
+    def jax_timers(model) -> dict[str, Callable[[], object]]:
         state, value_and_grad, update, opt_only = jax_fns(model)
-        t_grad = median_seconds(lambda: jax.block_until_ready(value_and_grad(state, inputs)), repeats=args.repeats)
         (_, _), grads = value_and_grad(state, inputs)
         opt_state = tx.init(state)
-        t_opt = median_seconds(lambda: jax.block_until_ready(opt_only(grads, opt_state, state)),
-                               repeats=args.repeats)
         # The full update donates its state: carry it through the timed calls.
         carry = [jax.tree.map(jnp.copy, state), tx.init(state)]
 
@@ -213,8 +230,8 @@ def main() -> None:
             carry[0], carry[1], loss, _ = update(carry[0], carry[1], inputs)
             loss.block_until_ready()
 
-        t_update = median_seconds(step, repeats=args.repeats)
-        return t_grad, t_opt, t_update
+        return {"grad": lambda: jax.block_until_ready(value_and_grad(state, inputs)),
+                "opt": lambda: jax.block_until_ready(opt_only(grads, opt_state, state)), "update": step}
 
     # ---- torch ---------------------------------------------------------------------------------
     t_in = {"input_ids": torch.from_numpy(batch.input_ids.astype(np.int64)),
@@ -273,30 +290,30 @@ def main() -> None:
     del grads, metrics
 
     # ---- timing ------------------------------------------------------------------------------
+    # Every variant runs once per round, round after round, so that load from other processes on a
+    # shared machine falls on all of them alike; the table shows medians over rounds.
     peak32, shape32 = matmul_peak(jnp.float32, args.repeats)
-    results = {"ours float32": time_jax(ours)}
-    del ours
-    t_grad = median_seconds(torch_grad, repeats=args.repeats)
-    torch_grad()
-    t_opt = median_seconds(torch_opt, repeats=args.repeats)
-
-    def torch_update():
-        torch_grad()
-        torch_opt()
-
-    results["transformers+torch float32"] = (t_grad, t_opt, median_seconds(torch_update, repeats=args.repeats))
-    if not args.no_torch_masked:
-        def torch_update_masked():
-            torch_grad(loss_positions_only=True)
-            torch_opt()
-
-        results["torch, LM head on loss tokens"] = (
-            median_seconds(lambda: torch_grad(loss_positions_only=True), repeats=args.repeats), t_opt,
-            median_seconds(torch_update_masked, repeats=args.repeats))
-    peak16 = None
+    peak16 = shape16 = None
     if ours_bf16 is not None:
         peak16, shape16 = matmul_peak(jnp.bfloat16, args.repeats)
-        results["ours bf16 compute, f32 params"] = time_jax(ours_bf16)
+
+    def torch_timers(loss_positions_only: bool) -> dict[str, Callable[[], object]]:
+        def update():
+            torch_grad(loss_positions_only)
+            torch_opt()
+
+        return {"grad": lambda: torch_grad(loss_positions_only), "opt": torch_opt, "update": update}
+
+    variants = {"ours float32": jax_timers(ours), "transformers+torch float32": torch_timers(False)}
+    if not args.no_torch_masked:
+        variants["torch, LM head on loss tokens"] = torch_timers(True)
+    if ours_bf16 is not None:
+        variants["ours bf16 compute, f32 params"] = jax_timers(ours_bf16)
+    times = interleaved_seconds({(name, part): fn for name, parts in variants.items() for part, fn in parts.items()},
+                                repeats=args.repeats)
+    results = {name: tuple(statistics.median(times[name, part]) for part in ("grad", "opt", "update"))
+               for name in variants}
+    best = {name: min(times[name, "update"]) for name in variants}
 
     flops = model_flops(config, rows, length)
     loss_tokens = int(batch.loss_mask.sum())
@@ -321,15 +338,16 @@ def main() -> None:
         done = flops if name == "transformers+torch float32" else executed
         print(f"{name:32s} {tg * 1e3:12.1f} {to * 1e3:9.1f} {tu * 1e3:10.1f} {tokens / tu:9.0f} "
               f"{flops / tu / 1e9:8.1f} {flops / tu / peak:8.1%} {done / tu / peak:9.1%}")
-    ours_t = results["ours float32"][2]
-    torch_t = results["transformers+torch float32"][2]
-    print(f"ratio ours / torch, full update (float32, tokens/s): {torch_t / ours_t:.2f}  "
-          f"(loss+grad only: {results['transformers+torch float32'][0] / results['ours float32'][0]:.2f})")
+    def ratio(name: str, over: str = "ours float32") -> str:
+        return (f"{results[name][2] / results[over][2]:.2f} (median; fastest rounds: {best[name] / best[over]:.2f}; "
+                f"loss+grad only: {results[name][0] / results[over][0]:.2f})")
+
+    print(f"ratio ours / torch, full update (float32, tokens/s): {ratio('transformers+torch float32')}")
     if not args.no_torch_masked:
-        print(f"ratio ours / torch with the LM head on loss tokens too: "
-              f"{results['torch, LM head on loss tokens'][2] / ours_t:.2f}")
+        print(f"ratio ours / torch with the LM head on loss tokens too: {ratio('torch, LM head on loss tokens')}")
     if ours_bf16 is not None:
-        print(f"ratio ours bf16 / torch float32, full update: {torch_t / results['ours bf16 compute, f32 params'][2]:.2f}")
+        print(f"ratio ours bf16 / torch float32, full update: "
+              f"{ratio('transformers+torch float32', 'ours bf16 compute, f32 params')}")
 
 
 if __name__ == "__main__":
