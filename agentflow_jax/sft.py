@@ -90,7 +90,7 @@ def _check_keys(name: str, section: Mapping[str, Any], valid: Sequence[str]) -> 
 
 _DEMOS_KEYS = ("first_step", "later_steps", "corruption_seed", "passes", "role_limits", "heldout_questions")
 _TOKENIZER_KEYS = ("vocab_size", "max_piece_length", "max_texts", "seed")
-_MODEL_KEYS = _MODEL_ARCH_KEYS + ("path", "tokenizer", "dtype", "param_dtype", "remat", "max_cache_length",
+MODEL_KEYS = _MODEL_ARCH_KEYS + ("path", "tokenizer", "dtype", "param_dtype", "remat", "max_cache_length",
                                   "init_embed_std", "init_attn_scale")
 _SFT_KEYS = ("output_dir", "roles", "steps", "learning_rate", "warmup_steps", "end_lr_fraction", "weight_decay",
              "grad_clip", "b1", "b2", "tokens_per_batch", "length_buckets", "prompt_loss_weight", "chunk_size", "seed",
@@ -107,7 +107,7 @@ def validate_config(config: Any) -> None:
     if unknown_roles:
         raise ValueError(f"demos.role_limits names unknown role(s) {unknown_roles}; roles: {demos_lib.ROLES}")
     _check_keys("tokenizer", _section(config, "tokenizer"), _TOKENIZER_KEYS)
-    _check_keys("model", _section(config, "model"), _MODEL_KEYS)
+    _check_keys("model", _section(config, "model"), MODEL_KEYS)
     sft = _section(config, "sft")
     _check_keys("sft", sft, _SFT_KEYS)
     bad_roles = sorted(set(sft["roles"]) - set(demos_lib.ROLES))
@@ -752,6 +752,19 @@ def ensure_warm_start(config: Any) -> Paths:
             return paths
     run_warm_start(config)
     return paths
+
+
+def rl_frozen_engine(config: Any) -> demos_lib.IdealFrozenEngine | None:
+    """The engine of the frozen roles and tools for Flow-GRPO on the toy world.
+
+    `IdealFrozenEngine` over the saved world's questions when `agent.frozen == "ideal"`; None when
+    it is "model" (the trainer's default then serves them: the warm-started reference model).
+    """
+    settings = demos_lib.AgentSettings.from_mapping(_section(config, "agent"))
+    if settings.frozen != "ideal":
+        return None
+    world = toy_world.World.load(Paths(_section(config, "sft")["output_dir"]).world)
+    return demos_lib.frozen_engine(settings, world, model_engine=None)
 
 
 _CONFIG: Any = None

@@ -18,16 +18,19 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from typing import Any, Mapping, Sequence
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from agentflow_jax import checkpoint as checkpoint_lib
 from agentflow_jax import sharding
+from agentflow_jax.agent.engines import Engine
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams
 from agentflow_jax.data.pipeline import load_queries, make_query_iterator
 from agentflow_jax.evaluate import evaluate_queries
@@ -84,14 +87,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for top in ("seed", "workdir", "mesh"):
         if top not in config:
             problems.append(f"config lacks top-level key {top!r}")
+    # The warm start of a toy-world config also reads the model's architecture keys (it builds the model).
+    warm_start_keys = {"model": set(_warm_start().MODEL_KEYS)} if "world" in config else {}
     for section, keys in CONFIG_SCHEMA.items():
         if section not in config:
             problems.append(f"config lacks section {section!r} (keys {sorted(keys)})")
             continue
         present = set(config[section].keys())
+        valid = set(keys) | warm_start_keys.get(section, set())
         problems += [f"config.{section} lacks key {k!r}" for k in sorted(set(keys) - present)]
-        problems += [f"config.{section} has unknown key {k!r}; valid keys: {sorted(keys)}"
-                     for k in sorted(present - set(keys))]
+        problems += [f"config.{section} has unknown key {k!r}; valid keys: {sorted(valid)}"
+                     for k in sorted(present - valid)]
         for key, kind in keys.items():
             if key in present and not _has_type(config[section][key], kind):
                 problems.append(f"config.{section}.{key} = {config[section][key]!r} should be of type {kind}")
@@ -106,6 +112,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     trainer_config(config)
     rollout_config(config)
     rollout_config(config, evaluation=True)
+    if "world" in config:
+        _warm_start().validate_config(config)
+
+
+def _warm_start():
+    """`agentflow_jax.sft`, imported only for toy-world configs (it pulls in the world generator)."""
+    from agentflow_jax import sft
+
+    return sft
 
 
 def rollout_config(config: ml_collections.ConfigDict, *, evaluation: bool = False) -> RolloutConfig:
@@ -140,6 +155,14 @@ def load_policy(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
                                  mesh=mesh, remat=config.model.remat)
 
 
+def spread_subset(records: Sequence[Mapping[str, Any]], count: int) -> list[Mapping[str, Any]]:
+    """`count` records at evenly spaced positions (all when count >= len): files grouped by
+    question type still give every type its share."""
+    if count >= len(records):
+        return list(records)
+    return [records[i] for i in np.linspace(0, len(records), count, endpoint=False).astype(int)]
+
+
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -156,19 +179,26 @@ class RunSummary:
     workdir: str
 
 
-def prepare(config: ml_collections.ConfigDict) -> None:
-    """Builds what the config's pipeline needs before RL (the toy world's warm start)."""
-    if "world" in config:
-        from agentflow_jax import sft
+def prepare(config: ml_collections.ConfigDict) -> Engine | None:
+    """Builds what the config's pipeline needs before RL; returns the frozen modules' engine when
+    it is not the reference model (None: the trainer's default).
 
-        sft.ensure_warm_start(config)
+    A toy-world config (one with a `world` section) first gets its world, tokenizer and
+    warm-started planner (`agentflow_jax.sft`, skipped when already built with this config), and
+    its frozen roles are served as `agent.frozen` says.
+    """
+    if "world" not in config:
+        return None
+    sft = _warm_start()
+    sft.ensure_warm_start(config)
+    return sft.rl_frozen_engine(config)
 
 
 def run(config: ml_collections.ConfigDict) -> RunSummary:
     """Trains the planner as `config` says; returns the initial and final evaluation."""
     start = time.perf_counter()
     validate_config(config)
-    prepare(config)
+    frozen_engine = prepare(config)
     workdir = config.workdir
     mesh = sharding.make_mesh(config.mesh.to_dict()) if config.mesh.to_dict() else None
     tokenizer = load_tokenizer(config.model.tokenizer)
@@ -179,10 +209,10 @@ def run(config: ml_collections.ConfigDict) -> RunSummary:
                                  weight_decay=config.optim.weight_decay, grad_clip=config.optim.grad_clip,
                                  warmup_steps=config.optim.warmup_steps),
         config=trainer_config(config), rollout=rollout_config(config),
-        max_cache_length=config.model.max_cache_length, seed=config.seed)
+        max_cache_length=config.model.max_cache_length, seed=config.seed, frozen_engine=frozen_engine)
 
     train_data = load_queries(config.data.train_path)
-    eval_records = load_queries(config.data.eval_path).records[:config.eval.num_queries]
+    eval_records = spread_subset(load_queries(config.data.eval_path).records, config.eval.num_queries)
     iterator = make_query_iterator(train_data.records, batch_size=config.data.batch_size, seed=config.seed)
     checkpointer = checkpoint_lib.TrainCheckpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints,

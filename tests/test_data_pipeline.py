@@ -40,6 +40,8 @@ def test_rows_are_normalised_and_rows_without_answer_are_skipped_and_counted(cap
         {"query": "blank parts", "answer": ["", "  "]},
         {"query": "   ", "answer": "orphan answer"},
         {"id": "x9", "query": "default kind", "answer": "yes"},
+        {"query": "kept fields", "answer": "7", "qtype": "lookup", "tools": ["Local_Search_Tool"],
+         "choices": ["7", "8"]},
     ]
     with caplog.at_level(logging.WARNING, logger="agentflow_jax.data.pipeline"):
         dataset = pipeline.load_queries(rows, pid_prefix="nq-")
@@ -47,6 +49,8 @@ def test_rows_are_normalised_and_rows_without_answer_are_skipped_and_counted(cap
         {"pid": "nq-0", "query": "capital of France?", "answer": "Paris; paris", "kind": "exact"},
         {"pid": "nq-17", "query": "2+2", "answer": "4", "kind": "math"},
         {"pid": "nq-x9", "query": "default kind", "answer": "yes", "kind": "exact"},
+        {"pid": "nq-9", "query": "kept fields", "answer": "7", "kind": "exact", "qtype": "lookup",
+         "tools": ["Local_Search_Tool"], "choices": ["7", "8"]},
     )
     assert dataset.skipped_without_answer == 5
     assert dataset.skipped_without_query == 1

@@ -148,7 +148,7 @@ def _load_config_file(name):
     return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_7b_flow_grpo.py"])
+@pytest.mark.parametrize("name", ["qwen2_5_7b_flow_grpo.py", "tiny_cpu.py"])
 def test_shipped_configs_validate(name):
     train_lib.validate_config(_load_config_file(name))
 

@@ -1,10 +1,11 @@
 """Grain input pipeline for training queries.
 
-A training query is a plain dict `{"pid": str, "query": str, "answer": str, "kind": str}`:
+A training query is a plain dict `{"pid": str, "query": str, "answer": str, "kind": str, ...}`:
 `kind` names the scorer (e.g. "exact" for search QA, "math"). Sources are JSON-lines files or
 lists of dicts with `query` (or `question`), `answer` (a string, a number, or a list joined with
-"; " as in SPEC section 3), and optional `pid` (or `id`) and `kind`. Rows without an answer or a
-query are skipped and counted, never silently dropped.
+"; " as in SPEC section 3), and optional `pid` (or `id`) and `kind`. Any other field of a row
+(e.g. "qtype" and "tools", which evaluation breaks metrics down by, or "choices") is kept as it
+is. Rows without an answer or a query are skipped and counted, never silently dropped.
 
 The iterator is built on grain's `MapDataset`: every process takes its own shard, shuffles it
 with the seed (a new order each epoch), repeats, and yields lists of records (queries are
@@ -26,7 +27,9 @@ import jax
 
 _log = logging.getLogger(__name__)
 
-QueryRecord = dict[str, str]
+QueryRecord = dict[str, Any]
+# Source spellings that are normalised into "query" and "pid" (not kept as extra fields).
+_ALIASES = ("question", "id")
 
 ANSWER_SEPARATOR = "; "
 # Records live in memory: reading them in threads would only add GIL contention.
@@ -95,8 +98,8 @@ def load_queries(source: str | os.PathLike | Iterable[Mapping[str, Any]], *,
     """Reads and normalises training queries from a JSON-lines path or an iterable of dicts.
 
     Args:
-      source: a `.jsonl` path, or dicts with `query`/`question`, `answer`, optional `pid`/`id`
-        and `kind`.
+      source: a `.jsonl` path, or dicts with `query`/`question`, `answer`, optional `pid`/`id`,
+        `kind` and any other fields (kept unchanged).
       default_kind: scorer kind for rows without `kind`.
       pid_prefix: prepended to every pid (row number when the row has none), so that sources
         mixed together keep distinct pids.
@@ -115,7 +118,8 @@ def load_queries(source: str | os.PathLike | Iterable[Mapping[str, Any]], *,
         elif not query:
             without_query += 1
         else:
-            records.append({"pid": _pid(row, row_index, pid_prefix), "query": query, "answer": answer,
+            extra = {k: v for k, v in row.items() if k not in _ALIASES}
+            records.append({**extra, "pid": _pid(row, row_index, pid_prefix), "query": query, "answer": answer,
                             "kind": str(row.get("kind") or default_kind)})
     if without_answer or without_query:
         _log.warning("training queries from %s: kept %d rows, skipped %d without an answer and %d "

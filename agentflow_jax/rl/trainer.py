@@ -9,8 +9,9 @@
             ──optax──────────> new policy parameters (skipped, and reported, when not finite)
 
 The trainer owns the policy parameters, the frozen reference parameters (the initial policy:
-they also serve query analysis, executor, verifier, generator and the tools' LLM) and the
-optimizer state. It holds no I/O: logging, checkpoints and evaluation live in `train.py`.
+by default they also serve query analysis, executor, verifier, generator and the tools' LLM;
+any other engine, e.g. an OpenAI-compatible endpoint, can be passed instead) and the optimizer
+state. It holds no I/O: logging, checkpoints and evaluation live in `train.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from agentflow_jax.agent.engines import Engine
 from agentflow_jax.agent.jax_engine import JaxEngine
 from agentflow_jax.agent.rollout import RolloutConfig, Trajectory, rollout_batch
 from agentflow_jax.models.tokenizer import Tokenizer
@@ -98,17 +100,19 @@ class FlowGRPOTrainer:
       graphdef: `nnx.split(model)[0]` of the planner model.
       params: initial policy parameters (also the frozen reference).
       tokenizer: the model's tokenizer (chat template, stop ids, pad id).
-      toolbox: the agent's tools (built on `frozen_engine`).
+      toolbox_factory: `engine -> Toolbox`, called once with the frozen engine (the tools' LLM).
       optimizer: an optax transformation, e.g. `make_optimizer`.
       config: `TrainerConfig`.
       rollout: loop limits and per-module sampling.
       max_cache_length: KV-cache slots per sequence of the samplers.
       seed: base seed of the planner's sampling; step s samples with a seed derived from (seed, s).
+      frozen_engine: the engine of the frozen modules and tools; default: the reference parameters
+        through the policy's compiled sampler.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *, tokenizer: Tokenizer, toolbox_factory,
                  optimizer: optax.GradientTransformation, config: TrainerConfig, rollout: RolloutConfig,
-                 max_cache_length: int = 4096, seed: int = 0):
+                 max_cache_length: int = 4096, seed: int = 0, frozen_engine: Engine | None = None):
         if abs(rollout.planner.temperature - config.loss.temperature) > 1e-9 and rollout.planner.temperature > 0:
             raise ValueError(f"loss temperature {config.loss.temperature} must equal the planner's sampling "
                              f"temperature {rollout.planner.temperature} (the ratio compares the same distribution)")
@@ -121,8 +125,9 @@ class FlowGRPOTrainer:
         self.opt_state = optimizer.init(params)
         self.step = 0
         self.policy_sampler = Sampler.from_state(graphdef, params, max_cache_length=max_cache_length)
-        self.frozen_sampler = self.policy_sampler.with_params(self.ref_params)
-        self.frozen_engine = JaxEngine(self.frozen_sampler, tokenizer, seed=seed + 1)
+        if frozen_engine is None:
+            frozen_engine = JaxEngine(self.policy_sampler.with_params(self.ref_params), tokenizer, seed=seed + 1)
+        self.frozen_engine: Engine = frozen_engine
         self.toolbox: Toolbox = toolbox_factory(self.frozen_engine)
         self._value_and_grad = loss_lib.make_value_and_grad(graphdef, config.loss)
         self._logprobs = jax.jit(lambda p, ids, mask, targets: token_logprobs(

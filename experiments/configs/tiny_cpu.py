@@ -2,8 +2,11 @@
 
     python -m agentflow_jax.sft --config=experiments/configs/tiny_cpu.py            # warm start only
     python -m agentflow_jax.train --config=experiments/configs/tiny_cpu.py          # builds it if missing
+    python -m agentflow_jax.train --config=experiments/configs/tiny_cpu.py \
+        --config.workdir=runs/tiny_cpu_lr0 --config.optim.learning_rate=0.0          # the untrained control
 
-Sections read by the warm start (agentflow_jax.sft): world, agent, demos, tokenizer, model, sft.
+Sections read by the warm start (agentflow_jax.sft): world, agent, demos, tokenizer, model, sft;
+by Flow-GRPO (agentflow_jax.train): model, data, tools, mesh, rollout, rl, optim, train, eval.
 Values that shape the prompts (max turns, memory budget, compact tools, search top-k) are
 FieldReferences shared with the rollout / tools sections, so the RL prompts are exactly the
 demonstrations' prompts; override them in the `agent` section.
@@ -121,8 +124,63 @@ def get_config() -> ml_collections.ConfigDict:
     config.tools.settings.python = {"wall_timeout_s": 10.0, "max_new_tokens": 32}
     config.tools.settings.generalist = {"max_new_tokens": 32}
 
+    config.data.batch_size = 16             # queries per step (x rl.group_size trajectories)
+
+    config.mesh = ml_collections.ConfigDict()  # empty: one device, no mesh
+
     config.rollout = ml_collections.ConfigDict()
     config.rollout.max_turns = max_turns
+    config.rollout.max_time_s = 120.0
+    config.rollout.planner_temperature = 1.0   # exploration; the warm start is greedy-biased
+    config.rollout.planner_top_p = 1.0
+    config.rollout.planner_max_new_tokens = 48
+    config.rollout.frozen_max_new_tokens = 48  # used when agent.frozen = "model"
     config.rollout.memory_budget_chars = memory_budget_chars
     config.rollout.compact_tools = compact_tools
+
+    # -- Flow-GRPO (the paper's estimator and loss; a larger learning rate for a 1M-parameter model) --
+    config.rl = ml_collections.ConfigDict()
+    config.rl.group_size = 8
+    config.rl.estimator = "grpo"
+    config.rl.grouping = "trajectory"
+    config.rl.ppo_epochs = 1
+    config.rl.num_minibatches = 1
+    config.rl.micro_batch_rows = 32
+    config.rl.length_bucket = 64
+    config.rl.loss = ml_collections.ConfigDict()
+    config.rl.loss.clip_low = 0.2
+    config.rl.loss.clip_high = 0.3
+    config.rl.loss.dual_clip = 3.0
+    config.rl.loss.log_ratio_clamp = 20.0
+    config.rl.loss.kl_coef = 0.001
+    config.rl.loss.kl_estimator = "k3"
+    config.rl.loss.kl_in_reward = False
+    config.rl.loss.entropy_coef = 0.0
+    config.rl.loss.aggregation = "token-mean"
+    config.rl.loss.logits_chunk_size = 256
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.learning_rate = 1e-4
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.weight_decay = 0.01
+    config.optim.grad_clip = 1.0
+    config.optim.warmup_steps = 0
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 12
+    config.train.save_every = 4
+    config.train.keep_checkpoints = 2
+    config.train.log_trajectories = 8
+    config.train.progress_bar = True
+    config.train.export_hf = True
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 4
+    config.eval.at_start = True
+    config.eval.num_queries = 300            # every held-out question (100 per kind)
+    config.eval.batch_size = 150
+    config.eval.planner_temperature = 0.0
+    config.eval.max_turns = max_turns
+    config.eval.max_time_s = 120.0
     return config
