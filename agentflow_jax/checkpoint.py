@@ -277,6 +277,12 @@ def _metric_ranker(name: str, mode: Literal["max", "min"]):
     return lambda metrics: float(metrics.get(name, worst))
 
 
+def _absolute(directory: str | os.PathLike) -> str:
+    """Orbax's writers need absolute local paths; URLs (gs://...) are already absolute."""
+    path = os.fspath(directory)
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _preservation_policy(max_to_keep: int | None, best_metric: str | None, best_mode: Literal["max", "min"],
                          keep_best: int) -> ocp.checkpoint_managers.PreservationPolicy:
     policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
@@ -329,7 +335,7 @@ class TrainCheckpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(os.fspath(directory), options=options,
+        self._manager = ocp.CheckpointManager(_absolute(directory), options=options,
                                               handler_registry=_handler_registry())
 
     # -- bookkeeping ------------------------------------------------------------------------------

@@ -221,10 +221,11 @@ def run(config: ml_collections.ConfigDict) -> RunSummary:
                                            data_iterator=iterator)
     if restored is not None:
         trainer.restore({"params": restored.params, "opt_state": restored.opt_state, "step": restored.step})
-        logging.info("resumed from step %d", restored.step)
 
     logger = RunLogger(workdir, total_steps=config.train.steps, initial_step=trainer.step,
                        progress=config.train.progress_bar)
+    if restored is not None:
+        logger.message(f"resumed from the checkpoint of step {restored.step} in {checkpointer.directory}")
     if train_data.skipped_without_answer:
         logger.message(f"skipped {train_data.skipped_without_answer} training rows without an answer")
 
@@ -297,6 +298,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE")
     if _CONFIG.value is None:
         raise app.UsageError("pass --config=experiments/configs/<name>.py (e.g. tiny_cpu.py)")
+    if not flags.FLAGS["verbosity"].present:  # library INFO lines (Orbax, XLA) drown the run's own messages
+        logging.set_verbosity(logging.WARNING)
     if os.environ.get("AGENTFLOW_DISTRIBUTED"):
         jax.distributed.initialize()
     summary = run(_CONFIG.value)

@@ -139,6 +139,17 @@ def test_async_save_returns_before_writing_and_restores_after_wait(tmp_path):
     assert latest.step == 2 and latest.rng is None and latest.opt_state is None
 
 
+def test_relative_directory_saves_asynchronously_and_restores(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run started with workdir="runs/x" from the repository root
+    ckpt = checkpoint.TrainCheckpointer(os.path.join("runs", "ckpt"), async_save=True)
+    save_small(ckpt, 3)
+    save_small(ckpt, 4)  # the second save surfaces any failure of the first background write
+    ckpt.wait_until_finished()
+    assert step_dirs(tmp_path / "runs" / "ckpt") == [3, 4]
+    assert_trees_identical(ckpt.restore_latest(params=small_params()).params, small_params(4))
+    ckpt.close()
+
+
 def test_params_only_restore_for_evaluation(tmp_path):
     with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
         save_small(ckpt, 3)
