@@ -88,7 +88,7 @@ def test_bfloat16_kl_to_transformers(hf_checkpoint):
     assert kl <= 1e-3, f"mean KL(HF || ours) = {kl}"
 
 
-@pytest.mark.parametrize("prefill", ["generic", "prefill_cache"])
+@pytest.mark.parametrize("prefill", ["generic", "prefill_cache", "prefill_cache_chunked"])
 def test_cached_prefill_and_decode_match_transformers(hf_checkpoint, prefill):
     """Prefill a left-padded prompt, then decode token by token: logits equal HF's full forward."""
     hf, path, kwargs = hf_checkpoint
@@ -102,8 +102,10 @@ def test_cached_prefill_and_decode_match_transformers(hf_checkpoint, prefill):
     if prefill == "generic":
         cache = model.init_cache(2, 16)
         logits, cache = model.forward_with_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache)
-    else:  # the sampler's prefill: attention over the prompt only, cache padded to 16 slots
-        hidden, cache = model.prefill_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), 16)
+    else:  # the sampler's prefill: attention over the prompt only (in chunks of 3, 3, 2 queries), 16 slots
+        query_chunk = 3 if prefill == "prefill_cache_chunked" else None
+        hidden, cache = model.prefill_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), 16,
+                                            query_chunk=query_chunk)
         logits = model.logits_from_hidden(hidden)
         assert cache.max_length == 16
     steps = [np.asarray(logits)]

@@ -1,14 +1,16 @@
 """Sampler against transformers (greedy generate, log-probs, nucleus), determinism, stops, errors,
-and compile-once-per-bucket."""
+compile-once-per-bucket, and outputs independent of the cache length, row blocks and query chunks."""
 
+import flax.nnx as nnx
 import jax
 import jax.monitoring
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from agentflow_jax.models import qwen2
-from agentflow_jax.sampling import Sampler
+from agentflow_jax.sampling import Sampler, buckets, loop
 from hf_reference import make_hf_model
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -204,6 +206,92 @@ def test_compiles_once_per_bucket_and_swapping_params_reuses_code(tmp_path_facto
     assert swapped_back == original
     sampler.generate([[1] * 17], **kwargs)  # the next prompt bucket compiles once more
     assert dict(sampler.trace_counts) == {"prefill": 2, "decode": 2}
+
+
+def _greedy_with_full_cache(model, prompts: list[list[int]], max_new_tokens: int, cache_length: int):
+    """Reference greedy decode: prompts left-padded to the longest one (no bucket), one cache of
+    `cache_length` slots, the generic `forward_with_cache` step by step. ([B, N] tokens, log-probs)."""
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):], mask[row, width - len(prompt):] = prompt, True
+    logits, cache = model.forward_with_cache(jnp.asarray(ids), jnp.asarray(mask),
+                                             model.init_cache(len(prompts), cache_length))
+    tokens, log_probs = [], []
+    for _ in range(max_new_tokens):
+        step = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)
+        token = jnp.argmax(step, axis=-1)
+        tokens.append(np.asarray(token))
+        log_probs.append(np.asarray(jnp.take_along_axis(step, token[:, None], axis=-1)[:, 0]))
+        logits, cache = model.forward_with_cache(token[:, None].astype(jnp.int32), None, cache)
+    return np.stack(tokens, 1), np.stack(log_probs, 1)
+
+
+def test_bucketed_cache_matches_a_full_length_cache_and_compiles_once_per_bucket(pair):
+    _, model = pair
+    sampler = Sampler(model, max_cache_length=128)
+    prompts = [PROMPTS[0], list(range(1, 21)), PROMPTS[2]]  # longest 20 -> prompt bucket 32
+    out = sampler.generate(prompts, max_new_tokens=20, temperature=0.0)  # capacity 32: a 64-slot cache
+    tokens, log_probs = _greedy_with_full_cache(model, prompts, 20, cache_length=128)
+    np.testing.assert_array_equal(np.array(out.tokens), tokens)
+    np.testing.assert_allclose(np.array(out.logprobs), log_probs, atol=1e-5)
+    assert dict(sampler.trace_counts) == {"prefill": 1, "decode": 1}
+    # Prompts of 17-32 tokens share the bucket, 33-48 the next one (not 64); 17-32 new tokens likewise.
+    for length, new_tokens in [(32, 32), (17, 17), (33, 20), (48, 20)]:
+        sampler.generate([[2] * length] * 3, max_new_tokens=new_tokens, temperature=0.0)
+        assert dict(sampler.trace_counts) == {"prefill": 1 + (length > 32), "decode": 1 + (length > 32)}
+
+
+def test_row_blocks_and_query_chunks_leave_outputs_unchanged(pair, monkeypatch):
+    _, model = pair
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(3 + 5 * i)] for i in range(6)]  # 3..28 tokens: bucket 32
+    calls = [dict(temperature=0.0), dict(temperature=1.0, top_p=0.9, n=2, seed=5)]
+    monkeypatch.setattr(buckets, "PREFILL_QUERY_CHUNK", 1 << 30)
+    whole = Sampler(model, max_cache_length=128, row_blocks=False)
+    expected = [whole.generate(prompts, max_new_tokens=20, stop_token_ids=(7,), **kw) for kw in calls]
+
+    seen = []  # (arrays passed, rows, rows per block) of every blocked program traced
+
+    def recording(fn, args, in_axes, out_axes, rows_per_block):
+        seen.append((len(args), args[0].shape[in_axes[0]], rows_per_block))
+        return original(fn, args, in_axes, out_axes, rows_per_block)
+
+    original = loop.map_row_blocks
+    monkeypatch.setattr(loop, "map_row_blocks", recording)
+    monkeypatch.setattr(buckets, "PREFILL_QUERY_CHUNK", 12)  # chunks of 12, 12 and 8 queries
+    monkeypatch.setattr(buckets, "PREFILL_BLOCK_TOKENS", 64)  # two 32-token prompts per prefill block
+    # Weights plus the KV cache of 4 rows (k and v, 2 layers, 2 KV heads, 64 slots, head dim 16, float32).
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+    monkeypatch.setattr(buckets, "DECODE_BLOCK_BYTES", param_bytes + 4 * 2 * 2 * 2 * 64 * 16 * 4)
+    blocked = Sampler(model, max_cache_length=128, row_blocks=True)
+    for kw, want in zip(calls, expected):
+        got = blocked.generate(prompts, max_new_tokens=20, stop_token_ids=(7,), **kw)
+        assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
+        for got_row, want_row in zip(got.logprobs, want.logprobs):
+            np.testing.assert_allclose(got_row, want_row, atol=1e-5)
+    assert seen == [(2, 8, 2), (7, 8, 4), (2, 8, 2), (7, 16, 4)]  # greedy; then n = 2: 16 decode rows
+    blocked.generate([p[::-1] for p in prompts], max_new_tokens=20, stop_token_ids=(7,), **calls[1])
+    assert dict(blocked.trace_counts) == {"prefill": 2, "decode": 2}
+
+
+def test_map_row_blocks_keeps_row_order_and_axes():
+    x = np.arange(8 * 3).reshape(8, 3)
+    y = np.arange(2 * 8).reshape(2, 8)
+    block_rows = []
+
+    def fn(a, b):
+        block_rows.append(a.shape[0])
+        return a * 10, b + 1, a.sum()
+
+    a, b, total = loop.map_row_blocks(fn, (x, y), (0, 1), (0, 1, None), rows_per_block=2)
+    assert block_rows == [2]
+    np.testing.assert_array_equal(a, x * 10)
+    np.testing.assert_array_equal(b, y + 1)
+    # Block j holds rows j, j + 4 (strided, so a batch-sharded block spans every shard).
+    np.testing.assert_array_equal(total, [x[[j, j + 4]].sum() for j in range(4)])
+    whole = loop.map_row_blocks(fn, (x, y), (0, 1), (0, 1, None), rows_per_block=8)
+    np.testing.assert_array_equal(whole[2], [x.sum()])
 
 
 def test_update_params_rejects_other_shapes(sampler):

@@ -92,10 +92,25 @@ def test_invalid_rules_are_rejected(kwargs):
 
 
 def test_buckets():
-    assert [buckets.length_bucket(n) for n in (1, 16, 17, 64, 65, 1024, 1025)] == [16, 16, 32, 64, 128, 1024, 2048]
+    lengths = (1, 16, 17, 33, 64, 65, 177, 293, 1024, 1025, 4097)
+    assert [buckets.length_bucket(n) for n in lengths] == [16, 16, 32, 48, 64, 80, 192, 320, 1024, 1280, 5120]
+    # Four buckets per doubling: padding under max(16, 25%), the number of buckets grows with log(length).
+    assert all(0 <= buckets.length_bucket(n) - n < max(16, n / 4) for n in range(1, 5000))
+    assert len({buckets.length_bucket(n) for n in range(1, 4097)}) == 1 + 1 + 2 + 4 * 6
     assert [buckets.batch_bucket(n) for n in (1, 2, 3, 9)] == [1, 2, 4, 16]
     assert buckets.batch_bucket(3, multiple_of=8) == 8
-    assert buckets.cache_layout(20, 40, 4096) == (32, 64)
+    assert buckets.cache_layout(20, 40, 4096) == (32, 48)
     assert buckets.cache_layout(100, 20, 128) == (108, 20)  # prompt bucket shrinks near the limit
     with pytest.raises(ValueError, match="max_cache_length"):
         buckets.cache_layout(100, 29, 128)
+
+
+def test_rows_per_block():
+    assert buckets.rows_per_block(64, row_cost=512, budget=2048) == 4
+    assert buckets.rows_per_block(64, row_cost=100, budget=10**9) == 64
+    assert buckets.rows_per_block(64, row_cost=2049, budget=2048) is None
+    assert buckets.rows_per_block(24, row_cost=1, budget=10) == 8  # largest divisor within the budget
+    assert buckets.rows_per_block(64, row_cost=1, budget=4, multiple_of=8) is None
+    assert buckets.rows_per_block(64, row_cost=1, budget=20, multiple_of=8) == 16
+    with pytest.raises(ValueError, match="multiple"):
+        buckets.rows_per_block(12, row_cost=1, budget=4, multiple_of=8)

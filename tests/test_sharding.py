@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from agentflow_jax import sharding
 from agentflow_jax.models import qwen2
-from agentflow_jax.sampling import Sampler
+from agentflow_jax.sampling import Sampler, buckets
 from hf_reference import make_hf_model, padded_batch
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -62,7 +62,7 @@ def single_device(checkpoint):
 
 @pytest.mark.parametrize("mesh_spec,expected_specs,batch_axes", MESHES, ids=["fsdp8", "fsdp4xtensor2",
                                                                             "data2xfsdp2xtensor2"])
-def test_mesh_matches_single_device(checkpoint, single_device, mesh_spec, expected_specs, batch_axes):
+def test_mesh_matches_single_device(checkpoint, single_device, mesh_spec, expected_specs, batch_axes, monkeypatch):
     ids, mask, reference_logits, reference_greedy = single_device
     mesh = sharding.make_mesh(mesh_spec)
     model = qwen2.from_pretrained(checkpoint, mesh=mesh)
@@ -83,6 +83,16 @@ def test_mesh_matches_single_device(checkpoint, single_device, mesh_spec, expect
     cache = sampler.prefill(PROMPTS, n=2, max_new_tokens=24).cache
     expected_cache = NamedSharding(mesh, P(None, batch_axes, expected_specs["k_kernel"][2], None, None))
     assert cache.k.sharding.is_equivalent_to(expected_cache, cache.k.ndim), cache.k.sharding
+
+    # Row blocks (each block spans every batch shard; 4-shard meshes: 2 prompts per prefill block,
+    # 4 rows per decode block; 8 shards leave no smaller block) sample the same tokens.
+    monkeypatch.setattr(buckets, "PREFILL_BLOCK_TOKENS", 32)
+    monkeypatch.setattr(buckets, "DECODE_BLOCK_BYTES", sum(x.nbytes for x in jax.tree.leaves(sampler.params))
+                        + 4 * cache.k.nbytes * 2 // cache.k.shape[1])
+    blocked = Sampler(model, max_cache_length=64, mesh=mesh, rules="sampling", row_blocks=True)
+    greedy = blocked.generate(PROMPTS, max_new_tokens=24, temperature=0.0, n=2)
+    assert greedy.tokens == reference_greedy.tokens
+    np.testing.assert_allclose(np.array(greedy.logprobs), np.array(reference_greedy.logprobs), atol=1e-5)
 
 
 def test_reshard_training_to_sampling_keeps_values(checkpoint):

@@ -373,6 +373,21 @@ class KVCache:
     def max_length(self) -> int:
         return self.k.shape[3]
 
+    @classmethod
+    def from_prompt(cls, k: Array, v: Array, mask: Array, cache_length: int) -> "KVCache":
+        """A cache of `cache_length` slots holding prompts' keys / values ([L, B, K, T, Dh], mask
+        [B, T] bool), the rest empty; the next write goes to slot T.
+
+        Raises:
+          ValueError: cache_length < T.
+        """
+        t = k.shape[3]
+        if cache_length < t:
+            raise ValueError(f"cache_length {cache_length} is shorter than the prompt bucket {t}")
+        room = ((0, 0), (0, 0), (0, 0), (0, cache_length - t), (0, 0))
+        return cls(k=jnp.pad(k, room), v=jnp.pad(v, room), valid=jnp.pad(mask, ((0, 0), (0, cache_length - t))),
+                   next_position=mask.sum(axis=1, dtype=jnp.int32), index=jnp.asarray(t, jnp.int32))
+
     def repeat(self, n: int) -> "KVCache":
         """Each row repeated n times in place (row i -> rows i*n .. i*n+n-1): one prefill, n samples."""
         rep = lambda x, axis: jnp.repeat(x, n, axis=axis)  # noqa: E731
@@ -426,25 +441,33 @@ class Qwen2ForCausalLM(nnx.Module):
         """Final-norm hidden states [B, T, D] in `dtype` (the input of the LM head)."""
         return self._forward(input_ids, attention_mask, positions, keep_kv=False)[0]
 
-    def prefill_cache(self, input_ids: Array, attention_mask: Array | None,
-                      cache_length: int) -> tuple[Array, KVCache]:
+    def prefill_cache(self, input_ids: Array, attention_mask: Array | None, cache_length: int, *,
+                      query_chunk: int | None = None) -> tuple[Array, KVCache]:
         """Runs prompts once and returns (hidden [B, T, D], a cache of `cache_length` slots holding them).
 
-        Attention covers the prompt only (T x T), not the empty rest of the cache.
+        `prompt_kv` followed by `KVCache.from_prompt`; arguments as there.
         """
         input_ids, mask = _check_inputs(input_ids, attention_mask)
-        t = input_ids.shape[1]
-        if cache_length < t:
-            raise ValueError(f"cache_length {cache_length} is shorter than the prompt bucket {t}")
-        hidden, (k, v) = self._forward(input_ids, mask, None, keep_kv=True)  # k, v: [L, B, K, T, Dh]
-        room = ((0, 0), (0, 0), (0, 0), (0, cache_length - t), (0, 0))
-        cache = KVCache(k=jnp.pad(k, room), v=jnp.pad(v, room), valid=jnp.pad(mask, ((0, 0), (0, cache_length - t))),
-                        next_position=mask.sum(axis=1, dtype=jnp.int32), index=jnp.asarray(t, jnp.int32))
-        return hidden, cache
+        hidden, k, v = self.prompt_kv(input_ids, mask, query_chunk=query_chunk)
+        return hidden, KVCache.from_prompt(k, v, mask, cache_length)
+
+    def prompt_kv(self, input_ids: Array, attention_mask: Array | None, *,
+                  query_chunk: int | None = None) -> tuple[Array, Array, Array]:
+        """Runs prompts once: (hidden [B, T, D], every layer's keys and values [L, B, K, T, Dh]).
+
+        Attention covers the prompt only (T x T); with `query_chunk` it runs in chunks of that
+        many queries, each over the keys up to its end (see `causal_attention`). Hidden states
+        at padding positions are unspecified.
+        """
+        hidden, (k, v) = self._forward(input_ids, attention_mask, None, keep_kv=True, query_chunk=query_chunk)
+        return hidden, k, v
 
     def _forward(self, input_ids: Array, attention_mask: Array | None, positions: Array | None, *,
-                 keep_kv: bool) -> tuple[Array, tuple[Array, Array] | None]:
-        """Causal forward over whole sequences; optionally returns every layer's k, v [L, B, K, T, Dh]."""
+                 keep_kv: bool, query_chunk: int | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+        """Causal forward over whole sequences; optionally returns every layer's k, v [L, B, K, T, Dh].
+
+        `query_chunk`: attention in query chunks (see `causal_attention`); None = one chunk.
+        """
         input_ids, mask = _check_inputs(input_ids, attention_mask)
         if positions is None:
             positions = positions_from_mask(mask)
@@ -458,7 +481,7 @@ class Qwen2ForCausalLM(nnx.Module):
             h = layer.input_norm(x)
             q, k, v = layer.attn.project_qkv(h, cos, sin)
             k, v = _head_major(k), _head_major(v)
-            x = x + layer.attn.attend(q, [(k, v, allowed)])
+            x = x + causal_attention(layer.attn, q, k, v, allowed, query_chunk)
             return x + layer.mlp(layer.post_attn_norm(x)), ((k, v) if keep_kv else None)
 
         x, kv = self._scan_layers(layer_fn, x)
@@ -554,6 +577,30 @@ class Qwen2ForCausalLM(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         return jax.lax.scan(body, x, (stacked, per_layer))
+
+
+def causal_attention(attn: Attention, q: Array, k: Array, v: Array, allowed: Array,
+                     query_chunk: int | None) -> Array:
+    """Self-attention over a whole sequence, optionally in chunks of queries.
+
+    Chunk [s, e) attends keys [0, e) only: keys after a query are masked anyway (`allowed` is
+    causal), so for every query that sees at least one key the result is that of one full
+    softmax; queries that see none (padding) get unspecified values.
+
+    Args:
+      attn: the layer's attention module.
+      q: [B, T, H, Dh]; k, v: [B, K, T, Dh]; allowed: [B, T, T] bool, causal.
+      query_chunk: static chunk size; None or >= T = a single chunk.
+    Returns:
+      [B, T, D] attention output after the o projection.
+    """
+    t = q.shape[1]
+    if query_chunk is None or query_chunk >= t:
+        return attn.attend(q, [(k, v, allowed)])
+    return jnp.concatenate([
+        attn.attend(q[:, s:s + query_chunk], [(k[:, :, :s + query_chunk], v[:, :, :s + query_chunk],
+                                                allowed[:, s:s + query_chunk, :s + query_chunk])])
+        for s in range(0, t, query_chunk)], axis=1)
 
 
 def _head_major(x: Array) -> Array:

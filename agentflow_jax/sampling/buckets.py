@@ -1,20 +1,37 @@
-"""Shape buckets: round prompt lengths, generation lengths and batch sizes up to a few sizes so
-that different `generate` calls reuse the same compiled prefill and decode programs."""
+"""Shape buckets and row blocks.
+
+Prompt lengths, generation lengths and batch sizes are rounded up to a few sizes so that
+different `generate` calls reuse the same compiled prefill and decode programs. On CPU the
+programs then walk the batch in blocks of rows small enough to stay in the processor caches
+(`rows_per_block`); the block sizes are functions of the bucketed shapes, so they add no compiles.
+"""
 
 from __future__ import annotations
 
 MIN_LENGTH_BUCKET = 16
-# Lengths up to this grow in powers of two; longer ones in multiples of it (bounded padding waste).
-LENGTH_BUCKET_STEP = 1024
+# Lengths above MIN_LENGTH_BUCKET round up to a multiple of max(MIN_LENGTH_BUCKET, p / 4), p the
+# power of two below them: four buckets per doubling, padding below max(16, length / 4) tokens,
+# compiles growing with log(length).
+BUCKETS_PER_OCTAVE = 4
+# Prompt attention runs in chunks of this many queries over the keys up to the chunk's end,
+# skipping the masked upper triangle (about half the score work at long prompts).
+PREFILL_QUERY_CHUNK = 128
+# CPU row blocks: a prefill block holds at most this many prompt tokens (its activations and a
+# query chunk's scores stay in L2/L3); a decode step's working set (weights + the block's KV
+# cache) is at most this many bytes. Tuned on the rollout benchmark (see BUILD_NOTES.md).
+PREFILL_BLOCK_TOKENS = 2048
+DECODE_BLOCK_BYTES = 8 << 20
 
 
 def length_bucket(length: int) -> int:
-    """Padded length for `length` tokens: 16, 32, 64, ..., 1024, then multiples of 1024."""
+    """Padded length for `length` tokens: 16, 32, 48, 64, 80, 96, 112, 128, 160, ..., 256, 320, ...
+    (see BUCKETS_PER_OCTAVE)."""
     if length < 1:
         raise ValueError(f"length must be positive, got {length}")
-    if length > LENGTH_BUCKET_STEP:
-        return -(-length // LENGTH_BUCKET_STEP) * LENGTH_BUCKET_STEP
-    return max(MIN_LENGTH_BUCKET, 1 << (length - 1).bit_length())
+    if length <= MIN_LENGTH_BUCKET:
+        return MIN_LENGTH_BUCKET
+    step = max(MIN_LENGTH_BUCKET, (1 << ((length - 1).bit_length() - 1)) // BUCKETS_PER_OCTAVE)
+    return -(-length // step) * step
 
 
 def batch_bucket(rows: int, multiple_of: int = 1) -> int:
@@ -47,3 +64,18 @@ def cache_layout(longest_prompt: int, max_new_tokens: int, max_cache_length: int
     prompt_bucket = min(length_bucket(longest_prompt), max_cache_length - max_new_tokens)
     capacity = min(length_bucket(max_new_tokens), max_cache_length - prompt_bucket)
     return prompt_bucket, capacity
+
+
+def rows_per_block(rows: int, row_cost: int, budget: int, multiple_of: int = 1) -> int | None:
+    """Rows per block for `rows` rows split into equal blocks: the largest divisor of `rows` that
+    is a multiple of `multiple_of` (the batch shards) and costs at most `budget` at `row_cost`
+    per row; None when not even the smallest one fits.
+
+    Raises:
+      ValueError: `rows` is not a positive multiple of `multiple_of`.
+    """
+    if rows < 1 or multiple_of < 1 or rows % multiple_of:
+        raise ValueError(f"rows ({rows}) must be a positive multiple of multiple_of ({multiple_of})")
+    fitting = [r for r in range(multiple_of, rows + 1, multiple_of)
+               if rows % r == 0 and r * row_cost <= budget]
+    return fitting[-1] if fitting else None

@@ -11,13 +11,15 @@
 
 Prompts are left-padded to a length bucket and the batch to a batch bucket (dummy rows), and the
 new-token budget is bucketed too, so calls of similar sizes reuse one compiled prefill and one
-compiled decode loop; `trace_counts` says how often each was traced (= compiled).
+compiled decode loop; `trace_counts` says how often each was traced (= compiled). The cache holds
+the prompt bucket plus the new-token bucket, so decode attention never reads more than the call
+can use. On CPU both programs walk the batch in blocks of rows that stay in the processor caches
+(`row_blocks`; see `buckets`).
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import contextlib
 import copy
 import dataclasses
@@ -84,23 +86,29 @@ class Sampler:
         over the mesh axes the rules give to "batch" (data and fsdp by default).
       rules: sharding rules table or preset name (default "sampling": weights tensor-parallel,
         replicated over data / fsdp).
+      row_blocks: run prefill and decode over the batch in blocks of rows sized to stay in the CPU
+        caches (`buckets.PREFILL_BLOCK_TOKENS`, `buckets.DECODE_BLOCK_BYTES`); outputs do not
+        depend on it. None = when the parameters live on CPU (accelerators take the whole batch).
     """
 
     def __init__(self, model: nnx.Module, *, max_cache_length: int = 4096, mesh: Mesh | None = None,
-                 rules: sharding.Rules | str = "sampling"):
+                 rules: sharding.Rules | str = "sampling", row_blocks: bool | None = None):
         graphdef, params = nnx.split(model)
-        self._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules)
+        self._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules,
+                    row_blocks=row_blocks)
 
     @classmethod
     def from_state(cls, graphdef: nnx.GraphDef, params: nnx.State, *, max_cache_length: int = 4096,
-                   mesh: Mesh | None = None, rules: sharding.Rules | str = "sampling") -> "Sampler":
+                   mesh: Mesh | None = None, rules: sharding.Rules | str = "sampling",
+                   row_blocks: bool | None = None) -> "Sampler":
         """A sampler for `nnx.split(model)` parts (e.g. the trainer's graphdef and policy params)."""
         sampler = cls.__new__(cls)
-        sampler._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules)
+        sampler._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules,
+                       row_blocks=row_blocks)
         return sampler
 
     def _setup(self, graphdef: nnx.GraphDef, params: nnx.State, *, max_cache_length: int, mesh: Mesh | None,
-               rules: sharding.Rules | str) -> None:
+               rules: sharding.Rules | str, row_blocks: bool | None) -> None:
         if max_cache_length < 2:
             raise ValueError(f"max_cache_length must be >= 2 (a prompt token and a new token), got {max_cache_length}")
         self.max_cache_length = max_cache_length
@@ -115,12 +123,18 @@ class Sampler:
         # Committed to these shardings, as update_params' arrays will be: jit keys its compiled
         # code on committedness too, so uncommitted initial params would recompile after a swap.
         self._params = jax.device_put(params, self._param_shardings)
+        leaves = jax.tree.leaves(self._params)
+        self._param_bytes = sum(leaf.nbytes for leaf in leaves)
+        if row_blocks is None:
+            row_blocks = all(device.platform == "cpu" for device in leaves[0].devices())
+        self.row_blocks = row_blocks
         self._batch_shards = self._count_batch_shards()
         self.trace_counts: collections.Counter[str] = collections.Counter()
         self._prefill_fn = jax.jit(self._counted("prefill", functools.partial(loop.prefill, graphdef)),
-                                   static_argnames=("cache_length", "samples_per_prompt"))
+                                   static_argnames=("cache_length", "samples_per_prompt", "rows_per_block",
+                                                    "query_chunk"))
         self._decode_fn = jax.jit(self._counted("decode", functools.partial(loop.decode, graphdef)),
-                                  static_argnames=("capacity",), donate_argnames=("cache",))
+                                  static_argnames=("capacity", "rows_per_block"), donate_argnames=("cache",))
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -173,7 +187,8 @@ class Sampler:
             state = self._decode_fn(
                 self._params, prefilled.cache, prefilled.logits, rule, jnp.asarray(seed, jnp.uint32),
                 self._place_batch(np.arange(rows) >= prefilled.num_samples), stop_ids,
-                jnp.asarray(max_new_tokens, jnp.int32), capacity=prefilled.capacity)
+                jnp.asarray(max_new_tokens, jnp.int32), capacity=prefilled.capacity,
+                rows_per_block=self._decode_rows_per_block(prefilled.cache))
         tokens, log_probs, lengths, stopped = jax.device_get(
             (state.tokens, state.log_probs, state.lengths, state.stopped))
         real = range(prefilled.num_samples)
@@ -198,9 +213,14 @@ class Sampler:
         group_shards = self._batch_shards // math.gcd(self._batch_shards, n)
         rows = buckets.batch_bucket(len(prompts), multiple_of=group_shards)
         input_ids, mask = _left_pad(prompts, rows, prompt_bucket)
+        rows_per_block = rows
+        if self.row_blocks:
+            rows_per_block = buckets.rows_per_block(rows, prompt_bucket, buckets.PREFILL_BLOCK_TOKENS,
+                                                    group_shards) or group_shards
         with self._tracing_context():
             logits, cache = self._prefill_fn(self._params, self._place_batch(input_ids), self._place_batch(mask),
-                                             cache_length=prompt_bucket + capacity, samples_per_prompt=n)
+                                             cache_length=prompt_bucket + capacity, samples_per_prompt=n,
+                                             rows_per_block=rows_per_block, query_chunk=buckets.PREFILL_QUERY_CHUNK)
         return Prefilled(logits=logits, cache=cache, num_samples=len(prompts) * n, capacity=capacity)
 
     # -- internals ----------------------------------------------------------------------------------
@@ -220,6 +240,17 @@ class Sampler:
             raise ValueError("got parameters of other shapes / dtypes than the sampler's model: "
                              + "; ".join(mismatched))
         return jax.device_put(params, self._param_shardings)
+
+    def _decode_rows_per_block(self, cache: KVCache) -> int:
+        """Rows per decode block: with `row_blocks`, the most rows whose KV cache fits in
+        DECODE_BLOCK_BYTES next to the weights; the whole batch without, or when the weights alone
+        exceed it (each block re-reads them every step)."""
+        rows = cache.valid.shape[0]
+        if not self.row_blocks:
+            return rows
+        row_bytes = (cache.k.nbytes + cache.v.nbytes) // rows
+        budget = buckets.DECODE_BLOCK_BYTES - self._param_bytes
+        return buckets.rows_per_block(rows, row_bytes, budget, self._batch_shards) or rows
 
     def _counted(self, name: str, fn: Callable) -> Callable:
         """fn, counting in `trace_counts[name]` each time JAX traces it (i.e. compiles it)."""
