@@ -417,6 +417,35 @@ def test_token_logprobs_equal_full_logits(tiny_policy, tiny_batch, chunk_size):
     np.testing.assert_allclose(entropy, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("length, chunk", [(100, 128), (512, 128), (1024, 128), (2048, 256), (20_000, 2_500)])
+def test_query_chunk_size(length, chunk):
+    assert logprobs.query_chunk_size(length) == chunk
+
+
+def test_token_logprobs_in_query_chunks_equal_one_softmax(tiny_policy):
+    """Rows longer than one query chunk (300 = 128 + 128 + 44, left padding): log-probs and gradients
+    equal those of the unchunked model."""
+    graphdef, params = tiny_policy
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, TINY.vocab_size, (2, 300)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :37] = 0
+    targets = np.roll(ids, -1, axis=1)
+    loss_mask = mask * (np.arange(300) >= 150)
+
+    def chunked(params):
+        return logprobs.token_logprobs(graphdef, params, ids, mask, targets)[0]
+
+    def direct(params):
+        log_probs = jax.nn.log_softmax(nnx.merge(graphdef, params)(ids, mask), axis=-1)
+        return jnp.take_along_axis(log_probs, jnp.asarray(targets)[..., None], axis=-1)[..., 0]
+
+    np.testing.assert_allclose(chunked(params) * loss_mask, direct(params) * loss_mask, atol=1e-5)
+    grads = [jax.grad(lambda p, f=f: jnp.sum(f(p) * loss_mask))(params) for f in (chunked, direct)]
+    for got, expected in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_accumulated_microbatch_gradients_equal_full_batch(tiny_policy, tiny_batch):
     graphdef, params = tiny_policy
     b = tiny_batch

@@ -437,9 +437,13 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
-                      positions: Array | None = None) -> Array:
-        """Final-norm hidden states [B, T, D] in `dtype` (the input of the LM head)."""
-        return self._forward(input_ids, attention_mask, positions, keep_kv=False)[0]
+                      positions: Array | None = None, *, query_chunk: int | None = None) -> Array:
+        """Final-norm hidden states [B, T, D] in `dtype` (the input of the LM head).
+
+        `query_chunk`: attention in chunks of that many queries (see `causal_attention`); None = one
+        chunk. Hidden states at padding positions are unspecified.
+        """
+        return self._forward(input_ids, attention_mask, positions, keep_kv=False, query_chunk=query_chunk)[0]
 
     def prefill_cache(self, input_ids: Array, attention_mask: Array | None, cache_length: int, *,
                       query_chunk: int | None = None) -> tuple[Array, KVCache]:
