@@ -52,6 +52,7 @@ from absl import app
 from ml_collections import config_flags
 
 from agentflow_jax.agent import modules
+from agentflow_jax.config_sections import as_dict, check_keys
 from agentflow_jax.data import demonstrations as demos_lib
 from agentflow_jax.data import toy_world
 from agentflow_jax.models import qwen2
@@ -78,14 +79,7 @@ def _section(config: Any, name: str) -> dict[str, Any]:
     if name not in config:
         raise ValueError(f"the config has no {name!r} section; expected sections {_SECTIONS} "
                          "(see experiments/configs/tiny_cpu.py)")
-    section = config[name]
-    return dict(section.to_dict() if hasattr(section, "to_dict") else section)
-
-
-def _check_keys(name: str, section: Mapping[str, Any], valid: Sequence[str]) -> None:
-    unknown = sorted(set(section) - set(valid))
-    if unknown:
-        raise ValueError(f"config section {name!r} has unknown key(s) {unknown}; valid keys: {sorted(valid)}")
+    return as_dict(config[name])
 
 
 _DEMOS_KEYS = ("first_step", "later_steps", "corruption_seed", "passes", "role_limits", "heldout_questions")
@@ -101,15 +95,15 @@ def validate_config(config: Any) -> None:
     """Checks every section this stage reads (unknown keys, bad values) before any compute."""
     toy_world.WorldConfig.from_mapping(_section(config, "world"))
     demos_lib.AgentSettings.from_mapping(_section(config, "agent"))
-    _check_keys("demos", _section(config, "demos"), _DEMOS_KEYS)
+    check_keys("demos", _section(config, "demos"), _DEMOS_KEYS)
     demos_cfg = _section(config, "demos")
     unknown_roles = sorted(set(demos_cfg.get("role_limits", {})) - set(demos_lib.ROLES))
     if unknown_roles:
         raise ValueError(f"demos.role_limits names unknown role(s) {unknown_roles}; roles: {demos_lib.ROLES}")
-    _check_keys("tokenizer", _section(config, "tokenizer"), _TOKENIZER_KEYS)
-    _check_keys("model", _section(config, "model"), MODEL_KEYS)
+    check_keys("tokenizer", _section(config, "tokenizer"), _TOKENIZER_KEYS)
+    check_keys("model", _section(config, "model"), MODEL_KEYS)
     sft = _section(config, "sft")
-    _check_keys("sft", sft, _SFT_KEYS)
+    check_keys("sft", sft, _SFT_KEYS)
     bad_roles = sorted(set(sft["roles"]) - set(demos_lib.ROLES))
     if bad_roles or not sft["roles"]:
         raise ValueError(f"sft.roles must name roles among {demos_lib.ROLES}, got {list(sft['roles'])}")

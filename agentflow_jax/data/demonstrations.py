@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from agentflow_jax.agent import prompts
 from agentflow_jax.agent.engines import Generation, GenerationRequest, Message, ScriptedEngine
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, Trajectory, rollout_batch
+from agentflow_jax.config_sections import dataclass_from_section
 from agentflow_jax.data import toy_world
 from agentflow_jax.data.toy_world import GENERALIST_TOOL, PYTHON_TOOL, SEARCH_TOOL, Question
 from agentflow_jax.tools import build_toolbox
@@ -112,12 +113,7 @@ class AgentSettings:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "AgentSettings":
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown agent config key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**values)
+        return dataclass_from_section(cls, values, "agent")
 
     def rollout_config(self, *, planner_temperature: float = 0.7, planner_top_p: float = 1.0,
                        max_time_s: float = 500.0) -> RolloutConfig:
@@ -180,12 +176,7 @@ class Corruption:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "Corruption":
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown corruption config key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()})
+        return dataclass_from_section(cls, values, "corruption")
 
 
 NO_CORRUPTION = Corruption(first_step=(0.0, 0.0), later_steps=(0.0, 0.0))

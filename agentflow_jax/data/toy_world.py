@@ -41,6 +41,8 @@ import os
 import random
 from typing import Any, Iterable, Mapping, Sequence
 
+from agentflow_jax.config_sections import dataclass_from_section
+
 # Tool names as the toolbox shows them (tools/search.py, tools/python_coder.py, tools/generator.py).
 SEARCH_TOOL = "Local_Search_Tool"
 PYTHON_TOOL = "Python_Code_Generator_Tool"
@@ -97,12 +99,7 @@ class WorldConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "WorldConfig":
         """From a dict or ConfigDict section; unknown keys are an error naming the valid ones."""
-        values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
-        if unknown:
-            raise ValueError(f"unknown world config key(s) {unknown}; valid keys: {sorted(valid)}")
-        return cls(**values)
+        return dataclass_from_section(cls, values, "world")
 
 
 # ----------------------------------------------------------------------------------------------
