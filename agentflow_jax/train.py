@@ -71,6 +71,12 @@ CONFIG_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
 }
 
 
+# Counts that must be at least 1 (the dataclasses check the rl section's).
+_POSITIVE = (("data", "batch_size"), ("train", "steps"), ("train", "save_every"), ("train", "keep_checkpoints"),
+             ("eval", "every"), ("eval", "num_queries"), ("eval", "batch_size"), ("rollout", "max_turns"),
+             ("rollout", "planner_max_new_tokens"), ("rollout", "frozen_max_new_tokens"), ("eval", "max_turns"))
+
+
 def _has_type(value, kind: type | tuple[type, ...]) -> bool:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
@@ -101,6 +107,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         for key, kind in keys.items():
             if key in present and not _has_type(config[section][key], kind):
                 problems.append(f"config.{section}.{key} = {config[section][key]!r} should be of type {kind}")
+    if not problems:
+        problems += [f"config.{section}.{key} = {config[section][key]} must be >= 1" for section, key in _POSITIVE
+                     if config[section][key] < 1]
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
     unknown_loss = sorted(set(config.rl.loss.keys()) - {f.name for f in dataclasses.fields(LossConfig)} - {"temperature"})

@@ -164,3 +164,13 @@ def test_config_validation_names_the_problem(tiny_run, tmp_path):
     assert "config.rollout.max_turns = 'three' should be of type" in message
     assert "config.optim.learning_rate = True" in message
     assert "config.train lacks key 'export_hf'" in message
+
+
+def test_zero_counts_are_rejected_before_compute(tiny_run, tmp_path):
+    config = make_config(tiny_run, tmp_path)
+    config.eval.num_queries = 0
+    config.data.batch_size = 0
+    with pytest.raises(ValueError) as info:
+        train_lib.validate_config(config)
+    assert "config.eval.num_queries = 0 must be >= 1" in str(info.value)
+    assert "config.data.batch_size = 0 must be >= 1" in str(info.value)
