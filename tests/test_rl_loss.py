@@ -345,6 +345,40 @@ def test_chunked_logprobs_and_gradients_equal_direct(chunk_size):
         np.testing.assert_allclose(g, d, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 16])
+@pytest.mark.parametrize("mask_kind", ["response", "scattered", "empty"])
+def test_masked_logprobs_and_gradients_equal_direct_on_the_mask(chunk_size, mask_kind):
+    """Only masked positions are computed (fewer chunks than positions run); others and their gradients are 0."""
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(3, 8, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(5, 11)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 8)), jnp.int32)
+    mask = {"response": np.arange(8) >= 5, "scattered": rng.random((3, 8)) < 0.3,
+            "empty": np.zeros((3, 8), bool)}[mask_kind]
+    mask = jnp.asarray(np.broadcast_to(mask, (3, 8)).astype(np.float32))
+    w_logp, w_ent = (jnp.asarray(rng.normal(size=(3, 8)), jnp.float32) for _ in range(2))
+
+    def masked(h, k):
+        return logprobs.logprobs_from_hidden(lambda x: x @ k, h, targets, temperature=0.7, chunk_size=chunk_size,
+                                             with_entropy=True, mask=mask)
+
+    def direct(h, k):
+        logp, entropy = _direct_logprobs(h, k, targets, 0.7)
+        return logp * mask, entropy * mask
+
+    for got, expected in zip(masked(hidden, kernel), direct(hidden, kernel)):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+    def objective(fn):
+        return lambda h, k: jnp.sum(w_logp * fn(h, k)[0] + w_ent * fn(h, k)[1])
+
+    grads = jax.grad(objective(masked), argnums=(0, 1))(hidden, kernel)
+    expected = jax.grad(objective(direct), argnums=(0, 1))(hidden, kernel)
+    for g, e in zip(grads, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(grads[0])[np.asarray(mask) == 0], 0.0)
+
+
 def _largest_vocab_array(closed_jaxpr, vocab: int) -> int:
     """Size of the largest array whose last axis is the vocabulary, anywhere in the program."""
     largest = 0
@@ -368,7 +402,8 @@ def _largest_vocab_array(closed_jaxpr, vocab: int) -> int:
 
 
 def test_full_logits_are_never_materialised_in_forward_or_backward():
-    batch, length, dim, vocab, chunk = 2, 12, 5, 37, 4
+    # dim < chunk, so the [dim, vocab] kernel and its gradient are smaller than one chunk of logits
+    batch, length, dim, vocab, chunk = 2, 12, 3, 37, 4
     hidden, kernel = jnp.ones((batch, length, dim)), jnp.ones((dim, vocab))
     targets = jnp.zeros((batch, length), jnp.int32)
 
@@ -381,7 +416,7 @@ def test_full_logits_are_never_materialised_in_forward_or_backward():
         return jnp.sum(sum(_direct_logprobs(hidden, kernel, targets, 1.0)))
 
     grad_program = jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, kernel)
-    assert _largest_vocab_array(grad_program, vocab) == batch * chunk * vocab
+    assert _largest_vocab_array(grad_program, vocab) == chunk * vocab
     # The probe does see a full-logits program for what it is.
     assert _largest_vocab_array(jax.make_jaxpr(jax.grad(direct))(hidden, kernel), vocab) == batch * length * vocab
 
@@ -415,11 +450,6 @@ def test_token_logprobs_equal_full_logits(tiny_policy, tiny_batch, chunk_size):
     assert logp.dtype == jnp.float32 and logp.shape == b.input_ids.shape
     np.testing.assert_allclose(logp, expected, atol=1e-5)
     np.testing.assert_allclose(entropy, -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1), atol=1e-5)
-
-
-@pytest.mark.parametrize("length, chunk", [(100, 128), (512, 128), (1024, 128), (2048, 256), (20_000, 2_500)])
-def test_query_chunk_size(length, chunk):
-    assert logprobs.query_chunk_size(length) == chunk
 
 
 def test_token_logprobs_in_query_chunks_equal_one_softmax(tiny_policy):

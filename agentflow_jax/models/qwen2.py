@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from agentflow_jax import sharding
+from agentflow_jax.models import attention
 
 Array = jax.Array
 DType = Any
@@ -308,8 +309,11 @@ class Attention(nnx.Module):
         out = functools.reduce(jnp.add, [
             _einsum("bkgts,bksd->bkgtd", (w / total).astype(v.dtype), v, jnp.float32)
             for w, (_, v, _) in zip(weights, segments)])
-        out = out.astype(self.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
-        return _einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(self.dtype), self.dtype)
+        return self.project_out(out.astype(self.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh))
+
+    def project_out(self, heads: Array) -> Array:
+        """Output projection: per-head attention outputs [B, T, H, Dh] -> [B, T, D]."""
+        return _einsum("bthk,hkd->btd", heads.astype(self.dtype), self.o_kernel[...].astype(self.dtype), self.dtype)
 
 
 class MLP(nnx.Module):
@@ -437,47 +441,48 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
-                      positions: Array | None = None, *, query_chunk: int | None = None) -> Array:
+                      positions: Array | None = None, *, query_chunk: int | None = None,
+                      key_chunk: int | None = None) -> Array:
         """Final-norm hidden states [B, T, D] in `dtype` (the input of the LM head).
 
-        `query_chunk`: attention in chunks of that many queries (see `causal_attention`); None = one
-        chunk. Hidden states at padding positions are unspecified.
+        `query_chunk`, `key_chunk`: attention tiles (see `attention.causal_attention`); None = whole
+        sequence. Hidden states at padding positions are unspecified.
         """
-        return self._forward(input_ids, attention_mask, positions, keep_kv=False, query_chunk=query_chunk)[0]
+        return self._forward(input_ids, attention_mask, positions, keep_kv=False, query_chunk=query_chunk,
+                             key_chunk=key_chunk)[0]
 
     def prefill_cache(self, input_ids: Array, attention_mask: Array | None, cache_length: int, *,
-                      query_chunk: int | None = None) -> tuple[Array, KVCache]:
+                      query_chunk: int | None = None, key_chunk: int | None = None) -> tuple[Array, KVCache]:
         """Runs prompts once and returns (hidden [B, T, D], a cache of `cache_length` slots holding them).
 
         `prompt_kv` followed by `KVCache.from_prompt`; arguments as there.
         """
         input_ids, mask = _check_inputs(input_ids, attention_mask)
-        hidden, k, v = self.prompt_kv(input_ids, mask, query_chunk=query_chunk)
+        hidden, k, v = self.prompt_kv(input_ids, mask, query_chunk=query_chunk, key_chunk=key_chunk)
         return hidden, KVCache.from_prompt(k, v, mask, cache_length)
 
     def prompt_kv(self, input_ids: Array, attention_mask: Array | None, *,
-                  query_chunk: int | None = None) -> tuple[Array, Array, Array]:
+                  query_chunk: int | None = None, key_chunk: int | None = None) -> tuple[Array, Array, Array]:
         """Runs prompts once: (hidden [B, T, D], every layer's keys and values [L, B, K, T, Dh]).
 
         Attention covers the prompt only (T x T); with `query_chunk` it runs in chunks of that
-        many queries, each over the keys up to its end (see `causal_attention`). Hidden states
-        at padding positions are unspecified.
+        many queries, each over the keys up to its end, in blocks of `key_chunk` keys (see
+        `attention.causal_attention`). Hidden states at padding positions are unspecified.
         """
-        hidden, (k, v) = self._forward(input_ids, attention_mask, None, keep_kv=True, query_chunk=query_chunk)
+        hidden, (k, v) = self._forward(input_ids, attention_mask, None, keep_kv=True, query_chunk=query_chunk,
+                                       key_chunk=key_chunk)
         return hidden, k, v
 
     def _forward(self, input_ids: Array, attention_mask: Array | None, positions: Array | None, *,
-                 keep_kv: bool, query_chunk: int | None = None) -> tuple[Array, tuple[Array, Array] | None]:
+                 keep_kv: bool, query_chunk: int | None = None,
+                 key_chunk: int | None = None) -> tuple[Array, tuple[Array, Array] | None]:
         """Causal forward over whole sequences; optionally returns every layer's k, v [L, B, K, T, Dh].
 
-        `query_chunk`: attention in query chunks (see `causal_attention`); None = one chunk.
+        `query_chunk`, `key_chunk`: attention tiles (see `attention.causal_attention`); None = whole sequence.
         """
         input_ids, mask = _check_inputs(input_ids, attention_mask)
         if positions is None:
             positions = positions_from_mask(mask)
-        t = input_ids.shape[1]
-        slots = jnp.arange(t)
-        allowed = mask[:, None, :] & (slots[None, :, None] >= slots[None, None, :])  # [B, T, T]
         x = self._embed(input_ids)
         cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
 
@@ -485,7 +490,8 @@ class Qwen2ForCausalLM(nnx.Module):
             h = layer.input_norm(x)
             q, k, v = layer.attn.project_qkv(h, cos, sin)
             k, v = _head_major(k), _head_major(v)
-            x = x + causal_attention(layer.attn, q, k, v, allowed, query_chunk)
+            heads = attention.causal_attention(q, k, v, mask, query_chunk=query_chunk, key_chunk=key_chunk)
+            x = x + layer.attn.project_out(heads)
             return x + layer.mlp(layer.post_attn_norm(x)), ((k, v) if keep_kv else None)
 
         x, kv = self._scan_layers(layer_fn, x)
@@ -581,30 +587,6 @@ class Qwen2ForCausalLM(nnx.Module):
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
         return jax.lax.scan(body, x, (stacked, per_layer))
-
-
-def causal_attention(attn: Attention, q: Array, k: Array, v: Array, allowed: Array,
-                     query_chunk: int | None) -> Array:
-    """Self-attention over a whole sequence, optionally in chunks of queries.
-
-    Chunk [s, e) attends keys [0, e) only: keys after a query are masked anyway (`allowed` is
-    causal), so for every query that sees at least one key the result is that of one full
-    softmax; queries that see none (padding) get unspecified values.
-
-    Args:
-      attn: the layer's attention module.
-      q: [B, T, H, Dh]; k, v: [B, K, T, Dh]; allowed: [B, T, T] bool, causal.
-      query_chunk: static chunk size; None or >= T = a single chunk.
-    Returns:
-      [B, T, D] attention output after the o projection.
-    """
-    t = q.shape[1]
-    if query_chunk is None or query_chunk >= t:
-        return attn.attend(q, [(k, v, allowed)])
-    return jnp.concatenate([
-        attn.attend(q[:, s:s + query_chunk], [(k[:, :, :s + query_chunk], v[:, :, :s + query_chunk],
-                                                allowed[:, s:s + query_chunk, :s + query_chunk])])
-        for s in range(0, t, query_chunk)], axis=1)
 
 
 def _head_major(x: Array) -> Array:

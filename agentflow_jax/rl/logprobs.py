@@ -1,47 +1,40 @@
 """Per-token log-probs (and entropies) of given targets without materialising [B, T, V] logits.
 
-The backbone runs once to final hidden states [B, T, D]; the LM head, log-softmax and target
-gather then run over chunks of C positions under `lax.map`, each chunk wrapped in
-`jax.checkpoint`. Only a [B, C, V] float32 block of logits exists at any time, in the forward
-pass and in the backward pass (which recomputes each chunk's logits from its hidden states).
+The backbone runs once to final hidden states [B, T, D] (attention in causal tiles, see
+`models.attention`). The LM head, log-softmax and target gather then run over chunks of C
+positions in a loop, so only a [C, V] float32 block of logits exists at any time, in the forward
+pass and in the backward pass.
 
-With a `mask` (e.g. the loss mask: only response tokens need log-probs) the LM head runs on the
-masked positions only: they are gathered, in order, to the front of the flattened [B * T]
-positions and processed in chunks of C of them (a [C, V] block of logits); chunks past the last
-masked position are skipped at run time (`lax.cond`), so the cost follows the number of masked
-tokens, not B * T. (Flow-GRPO rows are mostly prompt: on 384-token prompts + 128-token
-responses this makes the LM head 3x cheaper, forward and backward.)
+The head has its own VJP (`_head_logprobs`): the forward pass keeps the log-sum-exp of each
+position, and the backward pass walks the same chunks again, recomputes each chunk's logits, forms
+d logits = g_logp * (onehot(target) - p) - g_entropy * p * (z - E_p[z]) (z = logits / temperature)
+and pulls it back through the head to the hidden states and the head weights, whose gradient is
+accumulated in float32 across chunks.
 
-The backbone's attention runs in causal query chunks (`query_chunk_size`: each chunk attends only
-the keys up to its end), which skips most of the masked upper triangle of the T x T scores and
-stores less of it for the backward pass: on the CPU, a Flow-GRPO update of 8 x 512 tokens of
-the benchmark model (experiments/benchmarks/common.py) takes about 10% less time, with or without
-remat, and a quarter fewer page faults (4 chunks of 128 against one of 512, in one process).
+With a `mask` (e.g. the loss mask: only response tokens need log-probs) only the masked positions
+are computed: their indices are sorted to the front of the flattened [B * T] positions and the
+loops run over ceil(count / C) chunks only, a trip count known at run time. The cost follows the
+number of masked tokens, not B * T (Flow-GRPO rows are mostly prompt: on 384-token prompts +
+128-token responses the LM head does a quarter of the work), and skipped chunks cost nothing
+in either pass.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
+from agentflow_jax.models import attention
+
 Array = jax.Array
 LMHead = Callable[[Array], Array]
 """hidden [..., D] -> float32 logits [..., V]."""
 
 DEFAULT_CHUNK_SIZE = 256
-MIN_QUERY_CHUNK, MAX_QUERY_CHUNKS = 128, 8
-
-
-def query_chunk_size(length: int) -> int:
-    """Queries per causal attention chunk for sequences of `length`: >= 128, at most 8 chunks.
-
-    n chunks skip (n - 1) / (2n) of the T x T attention work (3/8 at 4 chunks, 7/16 at 8); the
-    bound on n bounds the chunks unrolled in the compiled layer.
-    """
-    return max(MIN_QUERY_CHUNK, -(-length // MAX_QUERY_CHUNKS))
 
 
 def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attention_mask: Array, targets: Array, *,
@@ -55,8 +48,7 @@ def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attent
       attention_mask: [B, T], 1 on real tokens.
       targets: [B, T] int32, the token whose log-prob is wanted at each position (next token).
       temperature: logits are divided by it, as the sampler does before reporting log-probs.
-      chunk_size: positions per LM-head chunk: C positions of every row ([B, C, V] logits), or with
-        `mask`, C masked positions in all ([C, V] logits); padded internally to a multiple of it.
+      chunk_size: positions per LM-head chunk ([C, V] logits at a time); padded internally.
       with_entropy: also return the entropy of softmax(logits / temperature) at each position.
       mask: optional [B, T]; when given, only positions where it is nonzero are computed (e.g. the
         loss mask) and every other position returns 0, for log-probs, entropies and gradients alike.
@@ -65,7 +57,8 @@ def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attent
       finite but meaningless; mask them.
     """
     model = nnx.merge(graphdef, params)
-    hidden = model.hidden_states(input_ids, attention_mask, query_chunk=query_chunk_size(input_ids.shape[1]))
+    query_chunk, key_chunk = attention.default_tiles(input_ids.shape[1])
+    hidden = model.hidden_states(input_ids, attention_mask, query_chunk=query_chunk, key_chunk=key_chunk)
     return logprobs_from_hidden(model.logits_from_hidden, hidden, targets, temperature=temperature,
                                 chunk_size=chunk_size, with_entropy=with_entropy, mask=mask)
 
@@ -75,74 +68,110 @@ def logprobs_from_hidden(lm_head: LMHead, hidden: Array, targets: Array, *, temp
                          with_entropy: bool = False, mask: Array | None = None) -> tuple[Array, Array | None]:
     """Chunked LM head + log-softmax + gather: hidden [B, T, D], targets [B, T] -> ([B, T], [B, T] | None).
 
-    With `mask` [B, T], only its nonzero positions are computed (see `token_logprobs`); others are 0.
+    `lm_head` may close over traced weights (a model's parameters): their gradients flow through
+    the chunked VJP. With `mask` [B, T], only its nonzero positions are computed (see
+    `token_logprobs`); others are 0.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
-    chunk_logprobs = _chunk_fn(lm_head, temperature, with_entropy)
-    if mask is not None:
-        return _masked_logprobs(chunk_logprobs, hidden, targets, mask, chunk_size, with_entropy)
     batch, length = targets.shape
-    chunk = min(chunk_size, length)
-    num_chunks = -(-length // chunk)
-    pad = num_chunks * chunk - length
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)  # [N, B, C, D]
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)  # [N, B, C]
-    logp, entropy = jax.lax.map(jax.checkpoint(lambda xs: chunk_logprobs(*xs)), (hidden_chunks, target_chunks))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]  # noqa: E731
-    return unchunk(logp), unchunk(entropy) if with_entropy else None
-
-
-def _chunk_fn(lm_head: LMHead, temperature: float, with_entropy: bool) -> Callable[[Array, Array], tuple[Array, Array]]:
-    """(hidden [..., D], targets [...]) -> (logp, entropy) [...] (callers checkpoint it: recomputed in the backward)."""
-
-    def chunk_logprobs(hidden_chunk: Array, target_chunk: Array) -> tuple[Array, Array]:
-        logits = lm_head(hidden_chunk).astype(jnp.float32) / temperature  # [..., C, V]
-        log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-        target_logits = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
-        if not with_entropy:
-            return target_logits - log_normaliser, jnp.zeros_like(log_normaliser)
-        entropy = log_normaliser - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
-        return target_logits - log_normaliser, entropy
-
-    return chunk_logprobs
-
-
-def _masked_logprobs(chunk_logprobs: Callable[[Array, Array], tuple[Array, Array]], hidden: Array, targets: Array,
-                     mask: Array, chunk_size: int, with_entropy: bool) -> tuple[Array, Array | None]:
-    """`logprobs_from_hidden` on the nonzero positions of mask only, in chunks of chunk_size of them."""
-    batch, length = targets.shape
-    if mask.shape != targets.shape:
-        raise ValueError(f"mask shape {mask.shape} != targets shape {targets.shape}")
+    if hidden.shape[:2] != (batch, length):
+        raise ValueError(f"hidden states {hidden.shape} do not match targets [B, T] = {targets.shape}")
     n = batch * length
-    keep = jnp.reshape(mask, (n,)) != 0
-    order = jnp.argsort(jnp.logical_not(keep), stable=True)  # masked positions first, in their order
-    count = jnp.sum(keep, dtype=jnp.int32)
     chunk = min(chunk_size, n)
     num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-    hidden_chunks = jnp.pad(jnp.take(hidden.reshape(n, -1), order, axis=0), ((0, pad), (0, 0)))
-    target_chunks = jnp.pad(jnp.take(targets.reshape(n), order), (0, pad))
-    hidden_chunks = hidden_chunks.reshape(num_chunks, chunk, -1)  # [N, C, D]
-    target_chunks = target_chunks.reshape(num_chunks, chunk)
-
-    def skip(hidden_chunk: Array, target_chunk: Array) -> tuple[Array, Array]:
-        del hidden_chunk
-        return jnp.zeros(target_chunk.shape, jnp.float32), jnp.zeros(target_chunk.shape, jnp.float32)
-
-    @jax.checkpoint  # around the cond, so the only residuals are its inputs (no per-chunk copies of the LM head)
-    def body(xs):
-        index, hidden_chunk, target_chunk = xs
-        return jax.lax.cond(index * chunk < count, chunk_logprobs, skip, hidden_chunk, target_chunk)
-
-    logp, entropy = jax.lax.map(body, (jnp.arange(num_chunks), hidden_chunks, target_chunks))
-    inverse = jnp.argsort(order)  # sorted slot of each original position
+    flat_hidden = hidden.reshape(n, hidden.shape[-1])
+    flat_targets = jnp.reshape(targets, (n,)).astype(jnp.int32)
+    if mask is None:
+        keep = jnp.ones((n,), bool)
+        order = jnp.arange(n, dtype=jnp.int32)
+        active_chunks = jnp.asarray(num_chunks, jnp.int32)
+    else:
+        if mask.shape != targets.shape:
+            raise ValueError(f"mask shape {mask.shape} != targets shape {targets.shape}")
+        keep = jnp.reshape(mask, (n,)) != 0
+        order = jnp.argsort(jnp.logical_not(keep), stable=True).astype(jnp.int32)  # masked positions first
+        active_chunks = -(-jnp.sum(keep, dtype=jnp.int32) // chunk)
+    rows = jnp.pad(order, (0, num_chunks * chunk - n)).reshape(num_chunks, chunk)  # padding slots read row 0
+    head, head_weights = jax.closure_convert(lm_head, flat_hidden[:chunk])
+    logp, entropy = _head_logprobs(head, float(temperature), with_entropy, tuple(head_weights), flat_hidden,
+                                   rows, jnp.take(flat_targets, rows), active_chunks)
+    inverse = jnp.argsort(order)  # slot of each original position in the chunked order
 
     def unsort(x: Array) -> Array:
         return jnp.where(keep, jnp.take(x.reshape(-1), inverse), 0.0).reshape(batch, length)
 
     return unsort(logp), unsort(entropy) if with_entropy else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked head with its own VJP
+# ----------------------------------------------------------------------------------------------
+
+
+def _scaled_logits(head: Callable[..., Array], temperature: float, hidden: Array, *weights: Array) -> Array:
+    return head(hidden, *weights).astype(jnp.float32) / temperature
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _head_logprobs(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks):
+    """(logp, entropy) [N, C] of the positions `rows` [N, C] (indices into hidden [n, D]).
+
+    Only the first `active_chunks` chunks are computed; the rest read 0.
+    """
+    return _head_forward(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks)[0]
+
+
+def _head_forward(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks):
+    num_chunks, chunk = rows.shape
+
+    def body(i, buffers):
+        logits = _scaled_logits(head, temperature, jnp.take(hidden, rows[i], axis=0), *weights)  # [C, V]
+        log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, targets[i][:, None], axis=-1)[:, 0] - log_normaliser
+        values = [logp, log_normaliser]
+        if with_entropy:
+            values.append(log_normaliser - jnp.sum(jnp.exp(logits - log_normaliser[:, None]) * logits, axis=-1))
+        return tuple(buf.at[i].set(value) for buf, value in zip(buffers, values))
+
+    zeros = jnp.zeros((num_chunks, chunk), jnp.float32)
+    buffers = jax.lax.fori_loop(0, active_chunks, body, (zeros,) * (3 if with_entropy else 2))
+    logp, log_normaliser = buffers[:2]
+    entropy = buffers[2] if with_entropy else zeros
+    return (logp, entropy), (weights, hidden, rows, targets, active_chunks, log_normaliser)
+
+
+def _head_backward(head, temperature, with_entropy, residuals, cotangents):
+    weights, hidden, rows, targets, active_chunks, log_normaliser = residuals
+    d_logp, d_entropy = cotangents
+    num_chunks, chunk = rows.shape
+
+    def body(i, carry):
+        d_weights, d_hidden = carry
+        logits, pullback = jax.vjp(functools.partial(_scaled_logits, head, temperature),
+                                   jnp.take(hidden, rows[i], axis=0), *weights)
+        probs = jnp.exp(logits - log_normaliser[i][:, None])
+        if with_entropy:  # d entropy / d z = -p * (z - E_p[z])
+            mean_logit = jnp.sum(probs * logits, axis=-1, keepdims=True)
+            d_logits = -probs * (d_logp[i][:, None] + d_entropy[i][:, None] * (logits - mean_logit))
+        else:
+            d_logits = -probs * d_logp[i][:, None]
+        d_logits = d_logits.at[jnp.arange(chunk), targets[i]].add(d_logp[i])  # d logp / d z = onehot - p
+        d_chunk, *d_chunk_weights = pullback(d_logits)
+        d_weights = tuple(acc + d.astype(jnp.float32) for acc, d in zip(d_weights, d_chunk_weights))
+        return d_weights, d_hidden.at[i].set(d_chunk.astype(jnp.float32))
+
+    d_weights = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights)
+    d_sorted = jnp.zeros((num_chunks, chunk, hidden.shape[-1]), jnp.float32)  # chunks never run stay 0
+    d_weights, d_sorted = jax.lax.fori_loop(0, active_chunks, body, (d_weights, d_sorted))
+    # Back to positions: rows[:n] is a permutation of the n positions (a gather, not a scatter-add).
+    n = hidden.shape[0]
+    slot_of_position = jnp.zeros((n,), jnp.int32).at[rows.reshape(-1)[:n]].set(jnp.arange(n, dtype=jnp.int32))
+    d_hidden = jnp.take(d_sorted.reshape(-1, hidden.shape[-1]), slot_of_position, axis=0)
+    return (tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)), d_hidden.astype(hidden.dtype),
+            None, None, None)
+
+
+_head_logprobs.defvjp(_head_forward, _head_backward)

@@ -130,9 +130,9 @@ class FlowGRPOTrainer:
         self.frozen_engine: Engine = frozen_engine
         self.toolbox: Toolbox = toolbox_factory(self.frozen_engine)
         self._value_and_grad = loss_lib.make_value_and_grad(graphdef, config.loss)
-        self._logprobs = jax.jit(lambda p, ids, mask, targets: token_logprobs(
+        self._logprobs = jax.jit(lambda p, ids, mask, targets, loss_mask: token_logprobs(
             graphdef, p, ids, mask, targets, temperature=config.loss.temperature,
-            chunk_size=config.loss.logits_chunk_size)[0])
+            chunk_size=config.loss.logits_chunk_size, mask=loss_mask)[0])
         self._apply = jax.jit(self._apply_updates, donate_argnums=(0, 1))
 
     # -- state (checkpointed) ----------------------------------------------------------------------
@@ -206,10 +206,14 @@ class FlowGRPOTrainer:
     # -- internals --------------------------------------------------------------------------------
 
     def _batched_logprobs(self, params: nnx.State, batch: TrainBatch) -> jax.Array:
-        """[B, T] log-probs computed micro-batch by micro-batch (same shapes as the loss: no new compiles)."""
+        """[B, T] log-probs computed micro-batch by micro-batch (same shapes as the loss: no new compiles).
+
+        Only loss-mask positions are computed (the LM head runs on response tokens); others read 0.
+        """
         rows = self.config.micro_batch_rows
-        parts = [self._logprobs(params, batch.input_ids[i:i + rows], batch.attention_mask[i:i + rows],
-                                batch.targets[i:i + rows]) for i in range(0, batch.num_rows, rows)]
+        parts = [self._logprobs(params, *(x[i:i + rows] for x in (batch.input_ids, batch.attention_mask,
+                                                                   batch.targets, batch.loss_mask)))
+                 for i in range(0, batch.num_rows, rows)]
         return jnp.concatenate(parts, axis=0)
 
     def _apply_updates(self, params, opt_state, grads):

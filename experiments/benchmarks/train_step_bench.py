@@ -92,6 +92,28 @@ def update_flops(config: qwen2.Qwen2Config, batch: int, length: int, head_positi
     return 6.0 * (config.num_params - head) * batch * length + 6.0 * head * head_positions + attention
 
 
+def ours_update_fn(graphdef: nnx.GraphDef, params: nnx.State, inputs: loss_lib.LossInputs,
+                   loss_config: loss_lib.LossConfig) -> tuple[loss_lib.ValueAndGrad, Callable[[], None]]:
+    """(value_and_grad, update): one update as `FlowGRPOTrainer` runs it, on its own copy of the parameters."""
+    value_and_grad = loss_lib.make_value_and_grad(graphdef, loss_config)
+    tx = make_optimizer(LR, weight_decay=WEIGHT_DECAY, grad_clip=MAX_GRAD_NORM)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def apply_updates(params, opt_state, grads):  # as FlowGRPOTrainer._apply_updates
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+    state = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}  # donated by each update
+
+    def update() -> None:
+        acc = loss_lib.accumulate_gradients(value_and_grad, state["params"], [inputs])
+        if bool(acc.is_finite):
+            state["params"], state["opt"], grad_norm = apply_updates(state["params"], state["opt"], acc.grads)
+            grad_norm.block_until_ready()
+
+    return value_and_grad, update
+
+
 def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Wall times of each fn() (which must block until done) over `repeats` rounds, after one untimed call."""
     for fn in fns.values():
@@ -200,6 +222,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         graphdef, params = nnx.split(qwen2.from_pretrained(tmp))
+        remat_graphdef = nnx.graphdef(qwen2.from_pretrained(tmp, remat=True))  # same params, layers recomputed
 
     loss_config = loss_lib.LossConfig()  # the reference run's: token-mean, k3 KL coef 0.001, dual clip 3
     batch = pack_turns(make_records(args.batch, args.prompt, args.response, config.vocab_size, seed=0), pad_id=0)
@@ -221,22 +244,9 @@ def main() -> None:
             "loss_mask": torch.from_numpy(batch.loss_mask), "advantages": torch.from_numpy(advantages),
             "old_logprobs": torch.from_numpy(old), "ref_logprobs": torch.from_numpy(ref)}
 
-    # ---- ours: the trainer's update ----------------------------------------------------------------
-    value_and_grad = loss_lib.make_value_and_grad(graphdef, loss_config)
-    tx = make_optimizer(LR, weight_decay=WEIGHT_DECAY, grad_clip=MAX_GRAD_NORM)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def apply_updates(params, opt_state, grads):  # as FlowGRPOTrainer._apply_updates
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
-
-    state = {"params": jax.tree.map(jnp.copy, params), "opt": tx.init(params)}  # donated by each update
-
-    def ours_update() -> None:
-        acc = loss_lib.accumulate_gradients(value_and_grad, state["params"], [inputs])
-        if bool(acc.is_finite):
-            state["params"], state["opt"], grad_norm = apply_updates(state["params"], state["opt"], acc.grads)
-            grad_norm.block_until_ready()
+    # ---- ours: the trainer's update, without and with remat (model.remat) ---------------------------
+    ours = {"ours (JAX)": ours_update_fn(graphdef, params, inputs, loss_config),
+            "ours (JAX), remat": ours_update_fn(remat_graphdef, params, inputs, loss_config)}
 
     # ---- torch -------------------------------------------------------------------------------------
     optimizer = torch.optim.AdamW(hf.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)  # betas, eps as optax
@@ -252,20 +262,22 @@ def main() -> None:
         if torch.isfinite(torch.nn.utils.clip_grad_norm_(hf.parameters(), MAX_GRAD_NORM)):
             optimizer.step()
 
-    # ---- check, once, that the two compute the same loss and gradients ------------------------------
-    (loss_ours, metrics), grads = value_and_grad(params, inputs)
-    final = loss_lib.finalize_metrics(metrics)
-    print(f"loss inputs: ratio clipped low/high {final['pg_clipfrac_low']:.3f}/{final['pg_clipfrac_high']:.3f}, "
-          f"dual clipped {final['dual_clipfrac']:.3f}, kl {final['kl']:.4f}")
-    ours = (float(loss_ours), final["entropy"], ours_grads_by_hf_name(grads, config))
-    for name, loss_positions_only in (("transformers+torch", False), ("torch, LM head on loss tokens", True)):
-        check_agreement(name, ours, *torch_loss_and_grad(loss_positions_only), hf)
-    del grads, ours
+    # ---- check, once, that ours (both) and torch (both) compute the same loss and gradients ----------
+    for ours_name, (value_and_grad, _) in ours.items():
+        (loss_ours, metrics), grads = value_and_grad(params, inputs)
+        final = loss_lib.finalize_metrics(metrics)
+        print(f"{ours_name}: loss inputs: ratio clipped low/high {final['pg_clipfrac_low']:.3f}/"
+              f"{final['pg_clipfrac_high']:.3f}, dual clipped {final['dual_clipfrac']:.3f}, kl {final['kl']:.4f}")
+        result = (float(loss_ours), final["entropy"], ours_grads_by_hf_name(grads, config))
+        for name, loss_positions_only in (("transformers+torch", False), ("torch, LM head on loss tokens", True)):
+            check_agreement(f"{ours_name} vs {name}", result, *torch_loss_and_grad(loss_positions_only), hf)
+        del grads, result
 
     # ---- timing ------------------------------------------------------------------------------------
     peaks = matmul_peak()
     peak = max(peaks.values())
-    variants = {"ours (JAX)": ours_update, "transformers+torch": functools.partial(torch_update, False),
+    variants = {**{name: update for name, (_, update) in ours.items()},
+                "transformers+torch": functools.partial(torch_update, False),
                 "torch, LM head on loss tokens": functools.partial(torch_update, True)}
     times = interleaved_seconds(variants, args.repeats)
     median = {name: float(np.median(ts)) for name, ts in times.items()}
@@ -286,9 +298,11 @@ def main() -> None:
     for name, seconds in median.items():
         print(f"{name:31s} {seconds * 1e3:10.0f} {fastest[name] * 1e3:11.0f} {tokens / seconds:9.0f} "
               f"{flops[name] / 1e12:6.3f} {flops[name] / seconds / 1e9:8.1f} {flops[name] / seconds / peak:8.1%}")
-    for name in ("transformers+torch", "torch, LM head on loss tokens"):
-        print(f"ratio ours / {name} (tokens/s, float32): {median[name] / median['ours (JAX)']:.2f} median, "
-              f"{fastest[name] / fastest['ours (JAX)']:.2f} fastest rounds")
+    for ours_name in ours:
+        for name in ("transformers+torch", "torch, LM head on loss tokens"):
+            print(f"ratio {ours_name} / {name} (tokens/s, float32): {median[name] / median[ours_name]:.2f} median, "
+                  f"{fastest[name] / fastest[ours_name]:.2f} fastest rounds")
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,194 @@
+"""Causal self-attention over whole sequences in blocks, with a memory-efficient custom VJP.
+
+`causal_attention(q, k, v, key_valid)` is softmax attention where query slot i sees key slot j
+when j <= i and `key_valid[b, j]`: the prompt / training forward of a decoder (left or right
+padding, grouped-query heads). It is computed flash-style:
+
+- Queries run in chunks of `query_chunk` and each chunk reads only the keys up to its own end,
+  so the masked upper triangle of the T x T scores is mostly skipped.
+- Within a chunk, keys run in blocks of `key_chunk` with an online softmax (running max and sum),
+  so a score tile is at most [B, K, G, query_chunk, key_chunk].
+- The forward pass keeps only the output and the log-sum-exp of each query row ([B, K, G, T]).
+  The backward pass recomputes each tile's probabilities from them, as FlashAttention does, instead
+  of storing the [B, H, T, T] float32 scores and probabilities for autodiff. Memory for the
+  backward pass is O(T) per head instead of O(T^2).
+
+Scores, the softmax and all accumulators are float32; the two matmuls of a tile take their operands
+in the inputs' dtype (float32 or bfloat16) and accumulate in float32. Grouped-query attention
+contracts queries grouped as [B, K, G, T, Dh] with [B, K, S, Dh] keys, so K/V are never repeated.
+
+A query row that sees no key (a left-padding slot before the first real token) gets output 0 and
+no gradient; those rows are padding and their values are unspecified to callers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+MIN_QUERY_CHUNK, MAX_QUERY_CHUNKS, MIN_KEY_CHUNK = 128, 8, 512
+
+
+def default_tiles(length: int) -> tuple[int, int]:
+    """(query_chunk, key_chunk) for a whole-sequence forward of `length` positions.
+
+    At least 128 queries per chunk and at most 8 chunks: n chunks skip (n - 1) / (2n) of the T x T
+    score work (3/8 at 4 chunks, 7/16 at 8) and the bound keeps the unrolled tile count <= 36 per
+    layer. Key blocks of max(512, query chunk) keep short sequences in one block per chunk (no
+    online-softmax rescaling) and bound a tile of a long one.
+    """
+    query_chunk = max(MIN_QUERY_CHUNK, -(-length // MAX_QUERY_CHUNKS))
+    return query_chunk, max(MIN_KEY_CHUNK, query_chunk)
+
+
+class _Tile(NamedTuple):
+    """One (query chunk, key block) tile: queries [q0, q1) against keys [k0, k1)."""
+
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+
+    @property
+    def needs_causal_mask(self) -> bool:
+        return self.k1 - 1 > self.q0  # some key lies after some query of the chunk
+
+
+def tile_plan(length: int, query_chunk: int | None, key_chunk: int | None) -> tuple[tuple[_Tile, ...], ...]:
+    """Static tiling of a causal T x T attention: per query chunk, its key blocks (causal ones only).
+
+    Query chunk [q0, q1) reads keys [0, q1) in blocks [k0, min(k0 + key_chunk, q1)).
+    None for either size means one chunk / one block covering the whole range.
+    """
+    if length < 1:
+        raise ValueError(f"attention needs at least one position, got length {length}")
+    for name, size in (("query_chunk", query_chunk), ("key_chunk", key_chunk)):
+        if size is not None and size < 1:
+            raise ValueError(f"{name} must be a positive number of positions or None, got {size}")
+    qc = length if query_chunk is None else min(query_chunk, length)
+    plan = []
+    for q0 in range(0, length, qc):
+        q1 = min(q0 + qc, length)
+        kc = q1 if key_chunk is None else key_chunk
+        plan.append(tuple(_Tile(q0, q1, k0, min(k0 + kc, q1)) for k0 in range(0, q1, kc)))
+    return tuple(plan)
+
+
+def causal_attention(q: Array, k: Array, v: Array, key_valid: Array, *, query_chunk: int | None = None,
+                     key_chunk: int | None = None) -> Array:
+    """Blocked causal softmax attention (module docstring).
+
+    Args:
+      q: [B, T, H, Dh] queries (RoPE applied).
+      k, v: [B, K, T, Dh] head-major keys and values (RoPE applied to k); K divides H.
+      key_valid: [B, T] bool, False at padding slots (never attended to).
+      query_chunk: queries per chunk (static); None = all T at once.
+      key_chunk: keys per block within a chunk (static); None = all visible keys at once.
+    Returns:
+      [B, T, H, Dh] attention output in q's dtype, before the output projection.
+    """
+    b, t, h, dh = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[2] != t or k.shape[3] != dh:
+        raise ValueError(f"k and v must be [B={b}, K, T={t}, Dh={dh}], got {k.shape} and {v.shape}")
+    kv_heads = k.shape[1]
+    if h % kv_heads:
+        raise ValueError(f"{h} query heads are not a multiple of {kv_heads} key/value heads")
+    if key_valid.shape != (b, t):
+        raise ValueError(f"key_valid must be [B, T] = {(b, t)}, got {key_valid.shape}")
+    grouped = q.reshape(b, t, kv_heads, h // kv_heads, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
+    out = _blocked_attention(tile_plan(t, query_chunk, key_chunk), grouped, k, v, key_valid.astype(bool))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward and backward passes over the static tile plan (queries grouped as [B, K, G, T, Dh])
+# ----------------------------------------------------------------------------------------------
+
+
+def _dot(equation: str, x: Array, y: Array) -> Array:
+    return jnp.einsum(equation, x, y, preferred_element_type=jnp.float32)
+
+
+def _scores(tile: _Tile, q_chunk: Array, k: Array, key_valid: Array) -> Array:
+    """Scaled float32 scores [B, K, G, Cq, Ck] of one tile; invisible keys are -inf."""
+    scores = _dot("bkgqd,bksd->bkgqs", q_chunk, k[:, :, tile.k0:tile.k1]) * (q_chunk.shape[-1] ** -0.5)
+    visible = key_valid[:, None, None, None, tile.k0:tile.k1]
+    if tile.needs_causal_mask:
+        causal = jnp.arange(tile.k0, tile.k1)[None, :] <= jnp.arange(tile.q0, tile.q1)[:, None]
+        visible = visible & causal
+    return jnp.where(visible, scores, -jnp.inf)
+
+
+def _chunk_forward(tiles: tuple[_Tile, ...], q_chunk: Array, k: Array, v: Array,
+                   key_valid: Array) -> tuple[Array, Array]:
+    """Online softmax over one query chunk's key blocks: (out [B, K, G, Cq, Dh] f32, lse [B, K, G, Cq])."""
+    row_max = total = acc = None
+    for tile in tiles:
+        scores = _scores(tile, q_chunk, k, key_valid)
+        new_max = jnp.max(scores, axis=-1) if row_max is None else jnp.maximum(row_max, jnp.max(scores, axis=-1))
+        shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # rows with no visible key yet
+        probs = jnp.exp(scores - shift[..., None])
+        block_sum = jnp.sum(probs, axis=-1)
+        block_out = _dot("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v[:, :, tile.k0:tile.k1])
+        if row_max is None:
+            total, acc = block_sum, block_out
+        else:
+            rescale = jnp.where(jnp.isfinite(row_max), jnp.exp(row_max - shift), 0.0)
+            total = rescale * total + block_sum
+            acc = rescale[..., None] * acc + block_out
+        row_max = new_max
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    total = jnp.where(total > 0, total, 1.0)
+    return acc / total[..., None], shift + jnp.log(total)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_attention(plan, q: Array, k: Array, v: Array, key_valid: Array) -> Array:
+    return _attention_forward(plan, q, k, v, key_valid)[0]
+
+
+def _attention_forward(plan, q, k, v, key_valid):
+    outs, lses = zip(*(_chunk_forward(tiles, q[:, :, :, tiles[0].q0:tiles[0].q1], k, v, key_valid)
+                       for tiles in plan))
+    out = jnp.concatenate(outs, axis=3).astype(q.dtype)
+    return out, (q, k, v, key_valid, out, jnp.concatenate(lses, axis=3))
+
+
+def _attention_backward(plan, residuals, d_out):
+    """Recomputes each tile's probabilities from the saved log-sum-exp (FlashAttention's backward)."""
+    q, k, v, key_valid, out, lse = residuals
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, K, G, T]
+    d_out = d_out.astype(v.dtype)
+    dk = jnp.zeros(k.shape, jnp.float32)
+    dv = jnp.zeros(v.shape, jnp.float32)
+    dq_chunks = []
+    for tiles in plan:
+        q0, q1 = tiles[0].q0, tiles[0].q1
+        q_chunk, do_chunk = q[:, :, :, q0:q1], d_out[:, :, :, q0:q1]
+        dq = None
+        for tile in tiles:
+            probs = jnp.exp(_scores(tile, q_chunk, k, key_valid) - lse[..., q0:q1, None])  # [B, K, G, Cq, Ck]
+            d_probs = _dot("bkgqd,bksd->bkgqs", do_chunk, v[:, :, tile.k0:tile.k1])
+            d_scores = (probs * (d_probs - delta[..., q0:q1, None]) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+            dv = _add_to_keys(dv, tile, _dot("bkgqd,bkgqs->bkds", do_chunk, probs.astype(v.dtype)).swapaxes(-1, -2))
+            dk = _add_to_keys(dk, tile, _dot("bkgqd,bkgqs->bkds", q_chunk, d_scores).swapaxes(-1, -2))
+            dq_tile = _dot("bkgqs,bksd->bkgqd", d_scores, k[:, :, tile.k0:tile.k1])
+            dq = dq_tile if dq is None else dq + dq_tile
+        dq_chunks.append(dq)
+    dq = jnp.concatenate(dq_chunks, axis=3).astype(q.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+def _add_to_keys(total: Array, tile: _Tile, update: Array) -> Array:
+    """total[:, :, k0:k1] += update, as an in-place slice update (not a scatter)."""
+    current = jax.lax.slice_in_dim(total, tile.k0, tile.k1, axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(total, current + update, tile.k0, axis=2)
+
+
+_blocked_attention.defvjp(_attention_forward, _attention_backward)
