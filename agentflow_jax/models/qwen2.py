@@ -329,10 +329,46 @@ class MLP(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dt = self.dtype
-        gate = _einsum("btd,df->btf", x, self.gate_kernel[...].astype(dt), dt)
-        up = _einsum("btd,df->btf", x, self.up_kernel[...].astype(dt), dt)
-        hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _einsum("btf,fd->btd", hidden, self.down_kernel[...].astype(dt), dt)
+        return swiglu(x.astype(dt), *(w[...].astype(dt) for w in (self.gate_kernel, self.up_kernel, self.down_kernel)))
+
+
+@jax.custom_vjp
+def swiglu(x: Array, gate_kernel: Array, up_kernel: Array, down_kernel: Array) -> Array:
+    """down(silu(x @ gate) * (x @ up)): x [B, T, D], kernels [D, F], [D, F], [F, D] -> [B, T, D] in x's dtype.
+
+    Its VJP keeps only x and the two [B, T, F] projections (autodiff would also keep silu(gate), its
+    sigmoid and the product) and recomputes the elementwise part in float32. The weight gradients
+    contract over the B * T rows with the narrow operand (x or the [B, T, D] cotangent) on the left,
+    so XLA transposes that one and not the [B, T, F] activations.
+    """
+    return _swiglu_forward(x, gate_kernel, up_kernel, down_kernel)[0]
+
+
+def _swiglu_forward(x, gate_kernel, up_kernel, down_kernel):
+    gate = _einsum("btd,df->btf", x, gate_kernel, x.dtype)
+    up = _einsum("btd,df->btf", x, up_kernel, x.dtype)
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return _einsum("btf,fd->btd", hidden, down_kernel, x.dtype), (x, gate_kernel, up_kernel, down_kernel, gate, up)
+
+
+def _swiglu_backward(residuals, d_out):
+    x, gate_kernel, up_kernel, down_kernel, gate, up = residuals
+    gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)
+    sigmoid = jax.nn.sigmoid(gate32)
+    silu = gate32 * sigmoid
+    hidden = sharding.constrain((silu * up32).astype(x.dtype), ("batch", "length", "mlp"))
+    d_hidden = jnp.einsum("btd,fd->btf", d_out, down_kernel, preferred_element_type=jnp.float32)
+    d_gate = sharding.constrain((d_hidden * up32 * sigmoid * (1.0 + gate32 * (1.0 - sigmoid))).astype(x.dtype),
+                                ("batch", "length", "mlp"))
+    d_up = sharding.constrain((d_hidden * silu).astype(x.dtype), ("batch", "length", "mlp"))
+    d_x = (jnp.einsum("btf,df->btd", d_gate, gate_kernel, preferred_element_type=jnp.float32)
+           + jnp.einsum("btf,df->btd", d_up, up_kernel, preferred_element_type=jnp.float32))
+    d_down = _einsum("btd,btf->df", d_out, hidden, down_kernel.dtype).T
+    return (d_x.astype(x.dtype), _einsum("btd,btf->df", x, d_gate, gate_kernel.dtype),
+            _einsum("btd,btf->df", x, d_up, up_kernel.dtype), d_down)
+
+
+swiglu.defvjp(_swiglu_forward, _swiglu_backward)
 
 
 class DecoderLayer(nnx.Module):
