@@ -153,6 +153,7 @@ def _blocked_attention(plan, q: Array, k: Array, v: Array, key_valid: Array) -> 
     return _attention_forward(plan, q, k, v, key_valid)[0]
 
 
+@jax.named_scope("attention_core")
 def _attention_forward(plan, q, k, v, key_valid):
     outs, lses = zip(*(_chunk_forward(tiles, q[:, :, :, tiles[0].q0:tiles[0].q1], k, v, key_valid)
                        for tiles in plan))
@@ -160,6 +161,7 @@ def _attention_forward(plan, q, k, v, key_valid):
     return out, (q, k, v, key_valid, out, jnp.concatenate(lses, axis=3))
 
 
+@jax.named_scope("attention_core")
 def _attention_backward(plan, residuals, d_out):
     """Recomputes each tile's probabilities from the saved log-sum-exp (FlashAttention's backward)."""
     q, k, v, key_valid, out, lse = residuals
@@ -176,6 +178,8 @@ def _attention_backward(plan, residuals, d_out):
             probs = jnp.exp(_scores(tile, q_chunk, k, key_valid) - lse[..., q0:q1, None])  # [B, K, G, Cq, Ck]
             d_probs = _dot("bkgqd,bksd->bkgqs", do_chunk, v[:, :, tile.k0:tile.k1])
             d_scores = (probs * (d_probs - delta[..., q0:q1, None]) * (q.shape[-1] ** -0.5)).astype(q.dtype)
+            # dV, dK contract over the query rows; written as [.., Dh, Ck] with the narrow [.., Cq, Dh]
+            # operand first, XLA transposes that operand instead of the [.., Cq, Ck] tile.
             dv = _add_to_keys(dv, tile, _dot("bkgqd,bkgqs->bkds", do_chunk, probs.astype(v.dtype)).swapaxes(-1, -2))
             dk = _add_to_keys(dk, tile, _dot("bkgqd,bkgqs->bkds", q_chunk, d_scores).swapaxes(-1, -2))
             dq_tile = _dot("bkgqs,bksd->bkgqd", d_scores, k[:, :, tile.k0:tile.k1])

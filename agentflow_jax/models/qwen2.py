@@ -12,6 +12,10 @@ with `jax.lax.scan`, so compile time does not grow with depth. Every parameter c
 Numerics: RMSNorm, RoPE, attention softmax and logits in float32; matmuls in `dtype`
 (float32 or bfloat16) with float32 accumulation for attention scores and logits.
 
+Training memory: whole-sequence attention runs in causal tiles with a FlashAttention-style VJP
+(`models.attention`), and the SwiGLU MLP has its own VJP (`swiglu`) that keeps only its input and
+the two up-projections; `remat=True` recomputes each layer in the backward pass on top of that.
+
 Public API:
   model = qwen2.from_pretrained(path, dtype=jnp.float32)   # local HF directory
   logits = model(input_ids, attention_mask=attention_mask)  # [B, T] int32 -> [B, T, V] float32
@@ -236,6 +240,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = _param(rngs, (dim,), ("norm",), _ones, param_dtype, stack)
 
+    @jax.named_scope("norm")
     def __call__(self, x: Array) -> Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -273,6 +278,7 @@ class Attention(nnx.Module):
         self.v_bias = _param(rngs, (k, dh), ("kv_heads", "head_dim"), _zeros, param_dtype, stack)
         self.o_kernel = _param(rngs, (h, dh, d), ("heads", "head_dim", "embed"), _normal, param_dtype, stack)
 
+    @jax.named_scope("attention_qkv")
     def project_qkv(self, x: Array, cos: Array, sin: Array) -> tuple[Array, Array, Array]:
         """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, K, Dh], RoPE applied to q and k."""
         dt = self.dtype
@@ -281,6 +287,7 @@ class Attention(nnx.Module):
         v = _einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt), dt) + self.v_bias[...].astype(dt)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    @jax.named_scope("attention_core")
     def attend(self, q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
         """Softmax attention in float32 over one or more key/value segments (one joint softmax).
 
@@ -311,6 +318,7 @@ class Attention(nnx.Module):
             for w, (_, v, _) in zip(weights, segments)])
         return self.project_out(out.astype(self.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh))
 
+    @jax.named_scope("attention_out")
     def project_out(self, heads: Array) -> Array:
         """Output projection: per-head attention outputs [B, T, H, Dh] -> [B, T, D]."""
         return _einsum("bthk,hkd->btd", heads.astype(self.dtype), self.o_kernel[...].astype(self.dtype), self.dtype)
@@ -344,6 +352,7 @@ def swiglu(x: Array, gate_kernel: Array, up_kernel: Array, down_kernel: Array) -
     return _swiglu_forward(x, gate_kernel, up_kernel, down_kernel)[0]
 
 
+@jax.named_scope("mlp")
 def _swiglu_forward(x, gate_kernel, up_kernel, down_kernel):
     gate = _einsum("btd,df->btf", x, gate_kernel, x.dtype)
     up = _einsum("btd,df->btf", x, up_kernel, x.dtype)
@@ -351,6 +360,7 @@ def _swiglu_forward(x, gate_kernel, up_kernel, down_kernel):
     return _einsum("btf,fd->btd", hidden, down_kernel, x.dtype), (x, gate_kernel, up_kernel, down_kernel, gate, up)
 
 
+@jax.named_scope("mlp")
 def _swiglu_backward(residuals, d_out):
     x, gate_kernel, up_kernel, down_kernel, gate, up = residuals
     gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)

@@ -124,6 +124,7 @@ def _head_logprobs(head, temperature, with_entropy, weights, hidden, rows, targe
     return _head_forward(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks)[0]
 
 
+@jax.named_scope("lm_head")
 def _head_forward(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks):
     num_chunks, chunk = rows.shape
 
@@ -143,6 +144,7 @@ def _head_forward(head, temperature, with_entropy, weights, hidden, rows, target
     return (logp, entropy), (weights, hidden, rows, targets, active_chunks, log_normaliser)
 
 
+@jax.named_scope("lm_head")
 def _head_backward(head, temperature, with_entropy, residuals, cotangents):
     weights, hidden, rows, targets, active_chunks, log_normaliser = residuals
     d_logp, d_entropy = cotangents

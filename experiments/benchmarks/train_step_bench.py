@@ -14,6 +14,9 @@ response 128, so 1024 loss tokens) on the ~40M-parameter benchmark config. Befor
 script checks that both give the same loss and the same gradient of every parameter, and stops
 if they do not.
 
+Ours runs twice: as configured by default (`model.remat = False`) and with remat (`model.remat =
+True`, each layer recomputed in the backward pass), each on its own copy of the parameters.
+
 Ours applies the LM head at loss-mask positions only (`policy_loss` passes the loss mask to
 `logprobs.token_logprobs`); transformers' `model(...).logits` computes it at all B * T positions.
 A third row applies the same saving in torch (`lm_head` on the hidden states of loss positions
