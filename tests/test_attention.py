@@ -89,14 +89,24 @@ def test_queries_that_see_no_key_give_zero_and_pass_no_gradient():
     np.testing.assert_array_equal(grads[2][0, :, :6], 0.0)
 
 
-def test_bfloat16_inputs_stay_close_to_float32():
+@pytest.mark.parametrize("query_chunk, key_chunk", [(16, 8), (128, 512)])
+def test_bfloat16_values_and_gradients_stay_close_to_float32(query_chunk, key_chunk):
+    """Compiled (XLA:CPU runs bf16 x bf16 -> f32 dots only in some layouts), against float32 on the same values."""
     q, k, v, key_valid = make_inputs(3, batch=2, length=40, dim=16)
-    low = attention.causal_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), key_valid, query_chunk=16,
-                                     key_chunk=8)
-    assert low.dtype == jnp.bfloat16
-    expected = numpy_attention(*(np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32)) for x in (q, k, v)),
-                               key_valid)
-    np.testing.assert_allclose(np.asarray(low, np.float32), expected, atol=3e-2)
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    cotangent = jnp.asarray(np.random.default_rng(4).normal(size=q.shape), jnp.float32)
+
+    def loss(q, k, v):
+        out = attention.causal_attention(q, k, v, key_valid, query_chunk=query_chunk, key_chunk=key_chunk)
+        return jnp.sum(out.astype(jnp.float32) * cotangent), out
+
+    (_, low), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    assert low.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    wide = [x.astype(jnp.float32) for x in (q, k, v)]
+    np.testing.assert_allclose(np.asarray(low, np.float32), numpy_attention(*wide, key_valid), atol=3e-2)
+    expected = jax.grad(lambda *a: jnp.sum(autodiff_attention(*a, key_valid) * cotangent), argnums=(0, 1, 2))(*wide)
+    for g, e in zip(grads, expected):
+        assert np.linalg.norm(np.asarray(g, np.float32) - e) <= 2e-2 * np.linalg.norm(e)
 
 
 @pytest.mark.parametrize("length, tiles", [(1, (128, 512)), (100, (128, 512)), (512, (128, 512)),

@@ -476,6 +476,26 @@ def test_token_logprobs_in_query_chunks_equal_one_softmax(tiny_policy):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_bfloat16_policy_loss_gradients_stay_close_to_float32(tiny_batch):
+    """The compiled loss + gradient of a bfloat16 model (every custom VJP in bf16) against float32 on the same weights."""
+    b = tiny_batch
+    graphdef_low, params_low = nnx.split(qwen2.init_random(TINY, seed=0, dtype=jnp.bfloat16))
+    graphdef_f32 = nnx.graphdef(qwen2.init_random(TINY, seed=0))
+    params_f32 = jax.tree.map(lambda x: x.astype(jnp.float32), params_low)
+    config = loss.LossConfig(entropy_coef=0.01, logits_chunk_size=8)
+    current, _ = logprobs.token_logprobs(graphdef_f32, params_f32, b.input_ids, b.attention_mask, b.targets)
+    rng = np.random.default_rng(2)
+    old = np.asarray(current) + rng.normal(scale=0.3, size=current.shape).astype(np.float32)
+    inputs = loss.make_loss_inputs(b, advantages.batch_advantages(b), old, old, config)
+    (loss_low, _), grads_low = loss.make_value_and_grad(graphdef_low, config)(params_low, inputs)
+    (loss_f32, _), grads_f32 = loss.make_value_and_grad(graphdef_f32, config)(params_f32, inputs)
+    assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads_low))
+    np.testing.assert_allclose(float(loss_low), float(loss_f32), rtol=2e-2, atol=2e-3)
+    for low, wide in zip(jax.tree.leaves(grads_low), jax.tree.leaves(grads_f32)):
+        wide = np.asarray(wide)
+        assert np.linalg.norm(np.asarray(low, np.float32) - wide) <= 5e-2 * np.linalg.norm(wide) + 1e-6
+
+
 def test_accumulated_microbatch_gradients_equal_full_batch(tiny_policy, tiny_batch):
     graphdef, params = tiny_policy
     b = tiny_batch

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from agentflow_jax import sharding
 from agentflow_jax.models import qwen2
+from agentflow_jax.rl import loss as loss_lib
 from agentflow_jax.sampling import Sampler, buckets
 from hf_reference import make_hf_model, padded_batch
 
@@ -93,6 +94,36 @@ def test_mesh_matches_single_device(checkpoint, single_device, mesh_spec, expect
     greedy = blocked.generate(PROMPTS, max_new_tokens=24, temperature=0.0, n=2)
     assert greedy.tokens == reference_greedy.tokens
     np.testing.assert_allclose(np.array(greedy.logprobs), np.array(reference_greedy.logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_spec,batch_axes", [({"fsdp": 8}, "fsdp"), ({"data": 2, "fsdp": 2, "tensor": 2},
+                                                                        ("data", "fsdp"))], ids=["fsdp8", "2x2x2"])
+def test_training_loss_and_gradients_on_a_mesh_equal_one_device(checkpoint, single_device, mesh_spec, batch_axes):
+    """Flow-GRPO loss + gradient through the custom VJPs (blocked attention, SwiGLU, chunked LM head)
+    with parameters, batch and activations sharded, against one device."""
+    ids, mask, _, _ = single_device
+    rows, length = ids.shape
+    rng = np.random.default_rng(0)
+    loss_mask = (mask & (np.arange(length) >= 6)).astype(np.float32)
+    inputs = loss_lib.LossInputs(
+        input_ids=ids, attention_mask=mask.astype(np.int32), targets=np.roll(ids, -1, axis=1), loss_mask=loss_mask,
+        advantages=rng.normal(size=rows).astype(np.float32), token_weights=loss_mask / loss_mask.sum(),
+        old_logprobs=(-5.0 * loss_mask).astype(np.float32), ref_logprobs=(-5.2 * loss_mask).astype(np.float32),
+        sampler_logprobs=np.zeros_like(loss_mask))
+    config = loss_lib.LossConfig(entropy_coef=0.01, logits_chunk_size=16)
+
+    graphdef, params = nnx.split(qwen2.from_pretrained(checkpoint))
+    (loss_one, _), grads_one = loss_lib.make_value_and_grad(graphdef, config)(params, inputs)
+
+    mesh = sharding.make_mesh(mesh_spec)
+    graphdef, params = nnx.split(qwen2.from_pretrained(checkpoint, mesh=mesh))
+    batch_sharding = NamedSharding(mesh, P(batch_axes))
+    sharded_inputs = jax.tree.map(lambda x: jax.device_put(x, batch_sharding), inputs)
+    with sharding.activation_sharding(mesh, "training"):
+        (loss_mesh, _), grads_mesh = loss_lib.make_value_and_grad(graphdef, config)(params, sharded_inputs)
+    np.testing.assert_allclose(float(loss_mesh), float(loss_one), rtol=1e-5)
+    for got, expected in zip(jax.tree.leaves(grads_mesh), jax.tree.leaves(grads_one)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-6, rtol=1e-4)
 
 
 def test_reshard_training_to_sampling_keeps_values(checkpoint):

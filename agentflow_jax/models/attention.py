@@ -178,10 +178,8 @@ def _attention_backward(plan, residuals, d_out):
             probs = jnp.exp(_scores(tile, q_chunk, k, key_valid) - lse[..., q0:q1, None])  # [B, K, G, Cq, Ck]
             d_probs = _dot("bkgqd,bksd->bkgqs", do_chunk, v[:, :, tile.k0:tile.k1])
             d_scores = (probs * (d_probs - delta[..., q0:q1, None]) * (q.shape[-1] ** -0.5)).astype(q.dtype)
-            # dV, dK contract over the query rows; written as [.., Dh, Ck] with the narrow [.., Cq, Dh]
-            # operand first, XLA transposes that operand instead of the [.., Cq, Ck] tile.
-            dv = _add_to_keys(dv, tile, _dot("bkgqd,bkgqs->bkds", do_chunk, probs.astype(v.dtype)).swapaxes(-1, -2))
-            dk = _add_to_keys(dk, tile, _dot("bkgqd,bkgqs->bkds", q_chunk, d_scores).swapaxes(-1, -2))
+            dv = _add_to_keys(dv, tile, _dot("bkgqs,bkgqd->bksd", probs.astype(v.dtype), do_chunk))
+            dk = _add_to_keys(dk, tile, _dot("bkgqs,bkgqd->bksd", d_scores, q_chunk))
             dq_tile = _dot("bkgqs,bksd->bkgqd", d_scores, k[:, :, tile.k0:tile.k1])
             dq = dq_tile if dq is None else dq + dq_tile
         dq_chunks.append(dq)
