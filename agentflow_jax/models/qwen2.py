@@ -340,6 +340,9 @@ class MLP(nnx.Module):
         return swiglu(x.astype(dt), *(w[...].astype(dt) for w in (self.gate_kernel, self.up_kernel, self.down_kernel)))
 
 
+_MLP_AXES = ("batch", "length", "mlp")  # logical axes of the [B, T, F] activations
+
+
 @jax.custom_vjp
 def swiglu(x: Array, gate_kernel: Array, up_kernel: Array, down_kernel: Array) -> Array:
     """down(silu(x @ gate) * (x @ up)): x [B, T, D], kernels [D, F], [D, F], [F, D] -> [B, T, D] in x's dtype.
@@ -356,7 +359,7 @@ def swiglu(x: Array, gate_kernel: Array, up_kernel: Array, down_kernel: Array) -
 def _swiglu_forward(x, gate_kernel, up_kernel, down_kernel):
     gate = _einsum("btd,df->btf", x, gate_kernel, x.dtype)
     up = _einsum("btd,df->btf", x, up_kernel, x.dtype)
-    hidden = sharding.constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    hidden = sharding.constrain(jax.nn.silu(gate) * up, _MLP_AXES)
     return _einsum("btf,fd->btd", hidden, down_kernel, x.dtype), (x, gate_kernel, up_kernel, down_kernel, gate, up)
 
 
@@ -366,13 +369,13 @@ def _swiglu_backward(residuals, d_out):
     gate32, up32 = gate.astype(jnp.float32), up.astype(jnp.float32)
     sigmoid = jax.nn.sigmoid(gate32)
     silu = gate32 * sigmoid
-    hidden = sharding.constrain((silu * up32).astype(x.dtype), ("batch", "length", "mlp"))
-    d_hidden = jnp.einsum("btd,fd->btf", d_out, down_kernel, preferred_element_type=jnp.float32)
+    hidden = sharding.constrain((silu * up32).astype(x.dtype), _MLP_AXES)
+    d_hidden = _einsum("btd,fd->btf", d_out, down_kernel, jnp.float32)
     d_gate = sharding.constrain((d_hidden * up32 * sigmoid * (1.0 + gate32 * (1.0 - sigmoid))).astype(x.dtype),
-                                ("batch", "length", "mlp"))
-    d_up = sharding.constrain((d_hidden * silu).astype(x.dtype), ("batch", "length", "mlp"))
-    d_x = (jnp.einsum("btf,df->btd", d_gate, gate_kernel, preferred_element_type=jnp.float32)
-           + jnp.einsum("btf,df->btd", d_up, up_kernel, preferred_element_type=jnp.float32))
+                                _MLP_AXES)
+    d_up = sharding.constrain((d_hidden * silu).astype(x.dtype), _MLP_AXES)
+    d_x = _einsum("btf,df->btd", d_gate, gate_kernel, jnp.float32) + _einsum("btf,df->btd", d_up, up_kernel,
+                                                                            jnp.float32)
     d_down = _einsum("btd,btf->df", d_out, hidden, down_kernel.dtype).T
     return (d_x.astype(x.dtype), _einsum("btd,btf->df", x, d_gate, gate_kernel.dtype),
             _einsum("btd,btf->df", x, d_up, up_kernel.dtype), d_down)

@@ -86,22 +86,22 @@ def logprobs_from_hidden(lm_head: LMHead, hidden: Array, targets: Array, *, temp
     flat_targets = jnp.reshape(targets, (n,)).astype(jnp.int32)
     if mask is None:
         keep = jnp.ones((n,), bool)
-        order = jnp.arange(n, dtype=jnp.int32)
+        order = slot_of_position = jnp.arange(n, dtype=jnp.int32)
         active_chunks = jnp.asarray(num_chunks, jnp.int32)
     else:
         if mask.shape != targets.shape:
             raise ValueError(f"mask shape {mask.shape} != targets shape {targets.shape}")
         keep = jnp.reshape(mask, (n,)) != 0
         order = jnp.argsort(jnp.logical_not(keep), stable=True).astype(jnp.int32)  # masked positions first
+        slot_of_position = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
         active_chunks = -(-jnp.sum(keep, dtype=jnp.int32) // chunk)
     rows = jnp.pad(order, (0, num_chunks * chunk - n)).reshape(num_chunks, chunk)  # padding slots read row 0
     head, head_weights = jax.closure_convert(lm_head, flat_hidden[:chunk])
     logp, entropy = _head_logprobs(head, float(temperature), with_entropy, tuple(head_weights), flat_hidden,
-                                   rows, jnp.take(flat_targets, rows), active_chunks)
-    inverse = jnp.argsort(order)  # slot of each original position in the chunked order
+                                   rows, slot_of_position, jnp.take(flat_targets, rows), active_chunks)
 
     def unsort(x: Array) -> Array:
-        return jnp.where(keep, jnp.take(x.reshape(-1), inverse), 0.0).reshape(batch, length)
+        return jnp.where(keep, jnp.take(x.reshape(-1), slot_of_position), 0.0).reshape(batch, length)
 
     return unsort(logp), unsort(entropy) if with_entropy else None
 
@@ -116,16 +116,18 @@ def _scaled_logits(head: Callable[..., Array], temperature: float, hidden: Array
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _head_logprobs(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks):
+def _head_logprobs(head, temperature, with_entropy, weights, hidden, rows, slot_of_position, targets, active_chunks):
     """(logp, entropy) [N, C] of the positions `rows` [N, C] (indices into hidden [n, D]).
 
-    Only the first `active_chunks` chunks are computed; the rest read 0.
+    `slot_of_position` [n] is the inverse of rows[:n] (a permutation of the n positions). Only the
+    first `active_chunks` chunks are computed; the rest read 0.
     """
-    return _head_forward(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks)[0]
+    return _head_forward(head, temperature, with_entropy, weights, hidden, rows, slot_of_position, targets,
+                         active_chunks)[0]
 
 
 @jax.named_scope("lm_head")
-def _head_forward(head, temperature, with_entropy, weights, hidden, rows, targets, active_chunks):
+def _head_forward(head, temperature, with_entropy, weights, hidden, rows, slot_of_position, targets, active_chunks):
     num_chunks, chunk = rows.shape
 
     def body(i, buffers):
@@ -141,12 +143,12 @@ def _head_forward(head, temperature, with_entropy, weights, hidden, rows, target
     buffers = jax.lax.fori_loop(0, active_chunks, body, (zeros,) * (3 if with_entropy else 2))
     logp, log_normaliser = buffers[:2]
     entropy = buffers[2] if with_entropy else zeros
-    return (logp, entropy), (weights, hidden, rows, targets, active_chunks, log_normaliser)
+    return (logp, entropy), (weights, hidden, rows, slot_of_position, targets, active_chunks, log_normaliser)
 
 
 @jax.named_scope("lm_head")
 def _head_backward(head, temperature, with_entropy, residuals, cotangents):
-    weights, hidden, rows, targets, active_chunks, log_normaliser = residuals
+    weights, hidden, rows, slot_of_position, targets, active_chunks, log_normaliser = residuals
     d_logp, d_entropy = cotangents
     num_chunks, chunk = rows.shape
 
@@ -168,12 +170,9 @@ def _head_backward(head, temperature, with_entropy, residuals, cotangents):
     d_weights = tuple(jnp.zeros(w.shape, jnp.float32) for w in weights)
     d_sorted = jnp.zeros((num_chunks, chunk, hidden.shape[-1]), jnp.float32)  # chunks never run stay 0
     d_weights, d_sorted = jax.lax.fori_loop(0, active_chunks, body, (d_weights, d_sorted))
-    # Back to positions: rows[:n] is a permutation of the n positions (a gather, not a scatter-add).
-    n = hidden.shape[0]
-    slot_of_position = jnp.zeros((n,), jnp.int32).at[rows.reshape(-1)[:n]].set(jnp.arange(n, dtype=jnp.int32))
-    d_hidden = jnp.take(d_sorted.reshape(-1, hidden.shape[-1]), slot_of_position, axis=0)
+    d_hidden = jnp.take(d_sorted.reshape(-1, hidden.shape[-1]), slot_of_position, axis=0)  # a gather, not a scatter
     return (tuple(d.astype(w.dtype) for d, w in zip(d_weights, weights)), d_hidden.astype(hidden.dtype),
-            None, None, None)
+            None, None, None, None)
 
 
 _head_logprobs.defvjp(_head_forward, _head_backward)

@@ -4,9 +4,10 @@ Both compute the gradient of sum(attention(q, k, v) * c) with respect to q, k an
 layers of the benchmark config (experiments/benchmarks/common.py: 8 heads over 2 key/value heads,
 head size 64, 8 layers) on a batch of 8 x 512 tokens, in float32 on the CPU in one process.
 Ours: one jitted gradient of a `lax.scan` over the layers, with the tiles the training path uses
-(`attention.default_tiles`, or `--query-chunk` / `--key-chunk`). Torch: `scaled_dot_product_attention(is_causal=True, enable_gqa=True)`
-per layer, then `backward()`. Before timing, the script checks that the two give the same output
-and gradients. Rounds interleave the two; medians and the ratio are printed.
+(`attention.default_tiles`, or `--query-chunk` / `--key-chunk`). Torch:
+`scaled_dot_product_attention(is_causal=True, enable_gqa=True)` per layer, then `backward()`.
+Before timing, the script checks that the two give the same output and gradients. Rounds
+interleave the two; medians and the ratio are printed.
 
     python experiments/benchmarks/attention_bench.py [--batch 8 --length 512 --query-chunk 128 --key-chunk 512]
 """
@@ -22,8 +23,7 @@ import numpy as np
 import torch
 
 from agentflow_jax.models import attention
-from common import BENCH_CONFIG, machine_summary
-from train_step_bench import interleaved_seconds
+from common import BENCH_CONFIG, interleaved_seconds, machine_summary
 
 
 def main() -> None:

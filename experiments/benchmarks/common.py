@@ -24,6 +24,19 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 
     return statistics.median(times)
 
 
+def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each fn() (which must block until done) over `repeats` rounds, after one untimed call."""
+    for fn in fns.values():
+        fn()
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return times
+
+
 def machine_summary() -> str:
     import jax
 

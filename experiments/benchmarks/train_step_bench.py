@@ -47,7 +47,6 @@ import argparse
 import functools
 import os
 import tempfile
-import time
 from typing import Callable
 
 import flax.nnx as nnx
@@ -63,7 +62,7 @@ from agentflow_jax.rl import logprobs as logprobs_lib
 from agentflow_jax.rl import loss as loss_lib
 from agentflow_jax.rl.batch import TurnRecord, pack_turns
 from agentflow_jax.rl.trainer import make_optimizer
-from common import BENCH_CONFIG, machine_summary
+from common import BENCH_CONFIG, interleaved_seconds, machine_summary
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 0.01, 1.0
 TOLERANCE = 1e-4  # absolute on loss and mean entropy; relative on each parameter's gradient (L2 norms)
@@ -115,19 +114,6 @@ def ours_update_fn(graphdef: nnx.GraphDef, params: nnx.State, inputs: loss_lib.L
             grad_norm.block_until_ready()
 
     return value_and_grad, update
-
-
-def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Wall times of each fn() (which must block until done) over `repeats` rounds, after one untimed call."""
-    for fn in fns.values():
-        fn()
-    times = {key: [] for key in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return times
 
 
 def matmul_peak() -> dict[str, float]:

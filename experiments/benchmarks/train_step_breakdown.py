@@ -128,7 +128,8 @@ def main() -> None:
             totals[part_of(op_names[event["name"]])] += event["dur"] / 1e3
 
     print(f"machine: {machine_summary()}; model {config.num_params / 1e6:.1f}M params, float32, "
-          f"remat {args.remat}, torch between calls {args.torch_between}; batch {batch.input_ids.shape[0]} x {batch.input_ids.shape[1]} tokens "
+          f"remat {args.remat}, torch between calls {args.torch_between}; "
+          f"batch {batch.input_ids.shape[0]} x {batch.input_ids.shape[1]} tokens "
           f"({int(batch.loss_mask.sum())} loss tokens)")
     print(f"loss + gradient: wall {np.median(walls) * 1e3:.0f} ms median of {args.repeats}; per call: "
           f"user {user / args.repeats:.2f} s, system {system / args.repeats:.2f} s, "
