@@ -379,6 +379,21 @@ def test_masked_logprobs_and_gradients_equal_direct_on_the_mask(chunk_size, mask
     np.testing.assert_array_equal(np.asarray(grads[0])[np.asarray(mask) == 0], 0.0)
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(hidden=np.zeros((2, 7, 5), np.float32)), "do not match targets"),
+    (dict(mask=np.ones((2, 5))), "mask shape"),
+    (dict(chunk_size=0), "chunk_size must be >= 1"),
+    (dict(temperature=0.0), "temperature must be positive"),
+])
+def test_logprobs_bad_inputs_are_clear_errors(change, message):
+    args = dict(hidden=np.zeros((2, 6, 5), np.float32), mask=None, chunk_size=4, temperature=1.0)
+    args.update(change)
+    kernel = jnp.ones((5, 11))
+    with pytest.raises(ValueError, match=message):
+        logprobs.logprobs_from_hidden(lambda h: h @ kernel, jnp.asarray(args.pop("hidden")),
+                                      jnp.zeros((2, 6), jnp.int32), **args)
+
+
 def _largest_vocab_array(closed_jaxpr, vocab: int) -> int:
     """Size of the largest array whose last axis is the vocabulary, anywhere in the program."""
     largest = 0
