@@ -504,11 +504,3 @@ def _first_line(error: Exception, limit: int = 300) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0] if lines else ''}"
     return text if len(text) <= limit else text[:limit] + " ..."
-
-
-def export_hf(model: nnx.Module, path: str | os.PathLike, **kwargs: Any) -> None:
-    """Writes `model` as a Hugging Face directory (config.json + safetensors); see
-    `agentflow_jax.models.qwen2.save_pretrained` for `dtype` and `max_shard_bytes`."""
-    from agentflow_jax.models import qwen2
-
-    qwen2.save_pretrained(model, path, **kwargs)

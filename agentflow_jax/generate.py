@@ -16,7 +16,7 @@ import time
 import jax.numpy as jnp
 from absl import app, flags
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, hf_io, qwen2
 from agentflow_jax.models.tokenizer import load_tokenizer
 from agentflow_jax.sampling import Sampler
 
@@ -32,7 +32,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 # Small enough for any laptop; the Qwen2.5 vocabulary keeps the real tokenizer usable.
-TINY_RANDOM = qwen2.Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_layers=2,
+TINY_RANDOM = model_config.Qwen2Config(vocab_size=151_936, hidden_size=64, intermediate_size=128, num_layers=2,
                                 num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; pass the text with --prompt")
     dtype = jnp.dtype(FLAGS.dtype)
     if FLAGS.model:
-        model = qwen2.from_pretrained(FLAGS.model, dtype=dtype)
+        model = hf_io.load_pretrained(FLAGS.model, dtype=dtype)
         tokenizer = load_tokenizer(FLAGS.tokenizer or FLAGS.model)
     else:
         print("no --model given: sampling from a tiny random Qwen2 (the text will be gibberish)")

@@ -55,7 +55,8 @@ from agentflow_jax.agent import modules
 from agentflow_jax.config_sections import as_dict, check_keys
 from agentflow_jax.data import demonstrations as demos_lib
 from agentflow_jax.data import toy_world
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import hf_io, qwen2
+from agentflow_jax.models.config import Qwen2Config
 from agentflow_jax.models.tokenizer import SENTENCEPIECE_MARKERS, SentencePieceTokenizer
 from agentflow_jax.rl.logprobs import token_logprobs
 
@@ -122,9 +123,9 @@ def validate_config(config: Any) -> None:
                          f"longest bucket ({buckets[-1]})")
 
 
-def model_config(config: Any, vocab_size: int) -> qwen2.Qwen2Config:
+def model_config(config: Any, vocab_size: int) -> Qwen2Config:
     m = _section(config, "model")
-    return qwen2.Qwen2Config(vocab_size=vocab_size, hidden_size=m["hidden_size"],
+    return Qwen2Config(vocab_size=vocab_size, hidden_size=m["hidden_size"],
                              intermediate_size=m["intermediate_size"], num_layers=m["num_layers"],
                              num_heads=m["num_heads"], num_kv_heads=m["num_kv_heads"],
                              head_dim=m["head_dim"] or None, rope_theta=m["rope_theta"],
@@ -699,7 +700,7 @@ def run_warm_start(config: Any) -> dict[str, Any]:
     _log(f"model: {mcfg.num_params / 1e6:.2f}M parameters; training {len(examples)} demonstrations for "
          f"{s['steps']} steps")
     model, report["sft"] = train(config, model, examples, tokenizer.pad_token_id)
-    qwen2.save_pretrained(model, paths.model, dtype=jnp.float32)
+    hf_io.save_pretrained(model, paths.model, dtype=jnp.float32)
     shutil.copyfile(paths.tokenizer, os.path.join(paths.model, "tokenizer.model"))
     timings["sft"] = round(time.perf_counter() - start, 2)
     timings["pipeline_before_eval"] = round(time.perf_counter() - total_start, 2)

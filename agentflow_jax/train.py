@@ -34,7 +34,7 @@ from agentflow_jax.agent.engines import Engine
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams
 from agentflow_jax.data.pipeline import load_queries, make_query_iterator
 from agentflow_jax.evaluate import evaluate_queries
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import hf_io, qwen2
 from agentflow_jax.models.tokenizer import load_tokenizer
 from agentflow_jax.observability import RunLogger, plot_curves
 from agentflow_jax.rl.loss import LossConfig
@@ -159,7 +159,7 @@ def toolbox_factory(config: ml_collections.ConfigDict):
 
 
 def load_policy(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None) -> qwen2.Qwen2ForCausalLM:
-    return qwen2.from_pretrained(config.model.path, dtype=jnp.dtype(config.model.dtype),
+    return hf_io.load_pretrained(config.model.path, dtype=jnp.dtype(config.model.dtype),
                                  param_dtype=jnp.dtype(config.model.param_dtype or config.model.dtype),
                                  mesh=mesh, remat=config.model.remat)
 
@@ -283,7 +283,7 @@ def finish(config: ml_collections.ConfigDict, trainer: FlowGRPOTrainer, graphdef
         plot_curves(logger.metrics_path, os.path.join(config.workdir, "curves.png"),
                     keys=("reward", "eval_accuracy", "kl", "turns"))
     if config.train.export_hf:
-        checkpoint_lib.export_hf(nnx.merge(graphdef, trainer.params), os.path.join(config.workdir, "planner_hf"))
+        hf_io.save_pretrained(nnx.merge(graphdef, trainer.params), os.path.join(config.workdir, "planner_hf"))
     if logger.primary:
         import json
 

@@ -13,9 +13,9 @@ import pytest
 
 from agentflow_jax import checkpoint, sharding
 from agentflow_jax.data import pipeline
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, qwen2
 
-TINY = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+TINY = model_config.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2)
 QUERIES = [{"query": f"question {i}", "answer": str(i)} for i in range(7)]
 
@@ -315,10 +315,3 @@ def test_data_iterator_from_another_process_count_is_explained(tmp_path):
         json.dump({**meta, "data_iterator_process_count": 2}, f)
     with pytest.raises(checkpoint.CheckpointStructureError, match="of 2 processes but this run has 1"):
         checkpoint.TrainCheckpointer(tmp_path).restore(params=small_params(), data_iterator=data)
-
-
-def test_export_hf_delegates_to_save_pretrained(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr(qwen2, "save_pretrained", lambda model, path, **kw: calls.append((model, path, kw)))
-    checkpoint.export_hf("model", tmp_path, dtype=jnp.bfloat16)
-    assert calls == [("model", tmp_path, {"dtype": jnp.bfloat16})]

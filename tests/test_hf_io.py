@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import flax.nnx as nnx
 import safetensors.numpy
 
-from agentflow_jax.models import hf_io, qwen2
+from agentflow_jax.models import hf_io
 from hf_reference import hf_logits, make_hf_model, padded_batch
 
 KWARGS = dict(vocab_size=90, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -39,8 +39,8 @@ def _copy(src, dst):
 @pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 6_000])
 def test_export_loads_in_transformers_with_same_logits(hf_dir, tmp_path, max_shard_bytes):
     hf, path = hf_dir
-    ours = qwen2.from_pretrained(path)
-    qwen2.save_pretrained(ours, tmp_path / "out", max_shard_bytes=max_shard_bytes)
+    ours = hf_io.load_pretrained(path)
+    hf_io.save_pretrained(ours, tmp_path / "out", max_shard_bytes=max_shard_bytes)
     files = sorted(os.listdir(tmp_path / "out"))
     if max_shard_bytes < 2**20:
         assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 2
@@ -54,9 +54,9 @@ def test_export_loads_in_transformers_with_same_logits(hf_dir, tmp_path, max_sha
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_import_export_import_is_bit_exact(hf_dir, tmp_path, dtype):
     _, path = hf_dir
-    first = qwen2.from_pretrained(path, dtype=dtype)
-    qwen2.save_pretrained(first, tmp_path / "a", max_shard_bytes=10_000)
-    second = qwen2.from_pretrained(tmp_path / "a", dtype=dtype)
+    first = hf_io.load_pretrained(path, dtype=dtype)
+    hf_io.save_pretrained(first, tmp_path / "a", max_shard_bytes=10_000)
+    second = hf_io.load_pretrained(tmp_path / "a", dtype=dtype)
     a, b = _params(first), _params(second)
     assert a.keys() == b.keys()
     for key in a:
@@ -66,7 +66,7 @@ def test_import_export_import_is_bit_exact(hf_dir, tmp_path, dtype):
 
 def test_export_casts_to_requested_dtype(hf_dir, tmp_path):
     _, path = hf_dir
-    qwen2.save_pretrained(qwen2.from_pretrained(path), tmp_path / "bf16", dtype=jnp.bfloat16)
+    hf_io.save_pretrained(hf_io.load_pretrained(path), tmp_path / "bf16", dtype=jnp.bfloat16)
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["torch_dtype"] == "bfloat16"
     reloaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
@@ -84,7 +84,7 @@ def test_tied_checkpoint_ignores_redundant_head(tmp_path):
     tensors = safetensors.numpy.load_file(tmp_path / "tied" / "model.safetensors")
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
     safetensors.numpy.save_file(tensors, tmp_path / "tied" / "model.safetensors", metadata={"format": "pt"})
-    model = qwen2.from_pretrained(tmp_path / "tied")
+    model = hf_io.load_pretrained(tmp_path / "tied")
     assert model.lm_head is None
     ids, mask = padded_batch(np.random.RandomState(1), kwargs["vocab_size"], [(5, "none")], 5)
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids, jnp.int32))), hf_logits(hf, ids, mask), atol=1e-4)
@@ -97,18 +97,18 @@ def test_tied_checkpoint_ignores_redundant_head(tmp_path):
 
 def test_missing_directory_and_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        qwen2.from_pretrained(tmp_path / "nope")
+        hf_io.load_pretrained(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        qwen2.from_pretrained(tmp_path / "empty")
+        hf_io.load_pretrained(tmp_path / "empty")
 
 
 def test_no_weights(hf_dir, tmp_path):
     d = _copy(hf_dir[1], tmp_path / "noweights")
     os.remove(d / "model.safetensors")
     (d / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(hf_io.CheckpointError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
-        qwen2.from_pretrained(d)
+    with pytest.raises(hf_io.ModelFilesError, match=r"no \*\.safetensors.*pytorch_model\.bin"):
+        hf_io.load_pretrained(d)
 
 
 def test_llama_checkpoint_is_rejected(tmp_path):
@@ -116,18 +116,18 @@ def test_llama_checkpoint_is_rejected(tmp_path):
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="model_type='llama'.*Qwen2"):
-        qwen2.from_pretrained(tmp_path / "llama")
+        hf_io.load_pretrained(tmp_path / "llama")
 
 
 def test_truncated_safetensors(hf_dir, tmp_path):
     d = _copy(hf_dir[1], tmp_path / "trunc")
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) - 100])
-    with pytest.raises(hf_io.CheckpointError, match=r"tensor '.*' ends at byte .*truncated"):
-        qwen2.from_pretrained(d)
+    with pytest.raises(hf_io.ModelFilesError, match=r"tensor '.*' ends at byte .*truncated"):
+        hf_io.load_pretrained(d)
     (d / "model.safetensors").write_bytes(data[:5])
-    with pytest.raises(hf_io.CheckpointError, match="too short"):
-        qwen2.from_pretrained(d)
+    with pytest.raises(hf_io.ModelFilesError, match="too short"):
+        hf_io.load_pretrained(d)
 
 
 def test_shape_mismatch_names_tensor(hf_dir, tmp_path):
@@ -135,8 +135,8 @@ def test_shape_mismatch_names_tensor(hf_dir, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["intermediate_size"] = 64
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf_io.CheckpointError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\(48, 32\).*\(64, 32\)"):
-        qwen2.from_pretrained(d)
+    with pytest.raises(hf_io.ModelFilesError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight.*\(48, 32\).*\(64, 32\)"):
+        hf_io.load_pretrained(d)
 
 
 def test_unknown_and_missing_tensors(hf_dir, tmp_path):
@@ -144,18 +144,18 @@ def test_unknown_and_missing_tensors(hf_dir, tmp_path):
     tensors = safetensors.numpy.load_file(d / "model.safetensors")
     extra = dict(tensors, **{"model.layers.0.self_attn.q_norm.weight": np.ones(8, np.float32)})
     safetensors.numpy.save_file(extra, d / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(hf_io.CheckpointError, match="does not use.*q_norm"):
-        qwen2.from_pretrained(d)
+    with pytest.raises(hf_io.ModelFilesError, match="does not use.*q_norm"):
+        hf_io.load_pretrained(d)
     fewer = {k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"}
     safetensors.numpy.save_file(fewer, d / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(hf_io.CheckpointError, match=r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
-        qwen2.from_pretrained(d)
+    with pytest.raises(hf_io.ModelFilesError, match=r"lacks 1 tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        hf_io.load_pretrained(d)
 
 
 def test_index_pointing_to_missing_shard(hf_dir, tmp_path):
-    ours = qwen2.from_pretrained(hf_dir[1])
-    qwen2.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=6_000)
+    ours = hf_io.load_pretrained(hf_dir[1])
+    hf_io.save_pretrained(ours, tmp_path / "sharded", max_shard_bytes=6_000)
     victim = sorted(f for f in os.listdir(tmp_path / "sharded") if f.endswith(".safetensors"))[1]
     os.remove(tmp_path / "sharded" / victim)
-    with pytest.raises(hf_io.CheckpointError, match=f"do not exist.*{victim}"):
-        qwen2.from_pretrained(tmp_path / "sharded")
+    with pytest.raises(hf_io.ModelFilesError, match=f"do not exist.*{victim}"):
+        hf_io.load_pretrained(tmp_path / "sharded")

@@ -8,7 +8,7 @@ import pytest
 from agentflow_jax.agent import prompts
 from agentflow_jax.agent.jax_engine import JaxEngine, _runs_of_equal_length
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, rollout_batch
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, hf_io, qwen2
 from agentflow_jax.models.tokenizer import SentencePieceTokenizer
 from agentflow_jax.sampling import Sampler
 from agentflow_jax.tools.base import Tool, ToolArgument, Toolbox, ToolMetadata
@@ -34,7 +34,7 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    config = qwen2.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+    config = model_config.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
                                num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
     return qwen2.init_random(config, seed=1)
 
@@ -98,7 +98,7 @@ def test_engine_from_spec_loads_a_directory(model, tokenizer, tmp_path):
 
     from agentflow_jax.agent.engines import engine_from_spec
 
-    qwen2.save_pretrained(model, tmp_path)
+    hf_io.save_pretrained(model, tmp_path)
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         engine_from_spec(f"jax:{tmp_path}")
     shutil.copy(tokenizer.model_path, tmp_path / "tokenizer.model")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, qwen2
 
 # Hugging Face Qwen2.5 config.json values (model cards / published configs).
 HF_PRESET_CONFIGS = {
@@ -30,8 +30,8 @@ HF_PRESET_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(HF_PRESET_CONFIGS))
 def test_presets_match_hf_configs_and_parameter_counts(name):
     hf_config = transformers.Qwen2Config(rope_theta=1_000_000.0, rms_norm_eps=1e-6, **HF_PRESET_CONFIGS[name])
-    ours = qwen2.preset(name)
-    assert qwen2.from_hf_config(hf_config.to_dict()) == ours
+    ours = model_config.preset(name)
+    assert model_config.from_hf_config(hf_config.to_dict()) == ours
     with torch.device("meta"):
         hf_count = sum(p.numel() for p in transformers.Qwen2ForCausalLM(hf_config).parameters())
     abstract = jax.eval_shape(lambda: nnx.state(qwen2.init_random(ours), nnx.Param))
@@ -40,34 +40,34 @@ def test_presets_match_hf_configs_and_parameter_counts(name):
 
 
 def test_published_parameter_counts():
-    assert qwen2.preset("Qwen2.5-7B-Instruct").num_params == 7_615_616_512
-    assert qwen2.preset("qwen2.5-0.5b").num_params == 494_032_768
+    assert model_config.preset("Qwen2.5-7B-Instruct").num_params == 7_615_616_512
+    assert model_config.preset("qwen2.5-0.5b").num_params == 494_032_768
 
 
 def test_unknown_preset():
     with pytest.raises(KeyError, match="available"):
-        qwen2.preset("qwen2.5-9b")
+        model_config.preset("qwen2.5-9b")
 
 
 def test_from_hf_config_reads_both_rope_spellings():
     base = dict(model_type="qwen2", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=1)
-    assert qwen2.from_hf_config(dict(base, rope_theta=123.0)).rope_theta == 123.0
-    assert qwen2.from_hf_config(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 77.0})).rope_theta == 77.0
+    assert model_config.from_hf_config(dict(base, rope_theta=123.0)).rope_theta == 123.0
+    assert model_config.from_hf_config(dict(base, rope_parameters={"rope_type": "default", "rope_theta": 77.0})).rope_theta == 77.0
     with pytest.raises(ValueError, match="rope scaling"):
-        qwen2.from_hf_config(dict(base, rope_scaling={"type": "yarn", "factor": 4.0}))
+        model_config.from_hf_config(dict(base, rope_scaling={"type": "yarn", "factor": 4.0}))
     with pytest.raises(ValueError, match="sliding-window"):
-        qwen2.from_hf_config(dict(base, use_sliding_window=True))
+        model_config.from_hf_config(dict(base, use_sliding_window=True))
     with pytest.raises(ValueError, match="lacks required keys"):
-        qwen2.from_hf_config({k: v for k, v in base.items() if k != "intermediate_size"})
+        model_config.from_hf_config({k: v for k, v in base.items() if k != "intermediate_size"})
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
-        qwen2.Qwen2Config(vocab_size=10, hidden_size=12, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2)
+        model_config.Qwen2Config(vocab_size=10, hidden_size=12, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2)
 
 
-TINY = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+TINY = model_config.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
                          num_kv_heads=2, tie_word_embeddings=False)
 
 

@@ -6,7 +6,7 @@ import torch
 import jax.numpy as jnp
 
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import hf_io
 from hf_reference import hf_logits, make_hf_model, padded_batch
 
 # Four shapes: tied / untied head, GQA ratios 1, 2 and 4, default and non-default rope theta,
@@ -52,7 +52,7 @@ def test_float32_logits_match_transformers(hf_checkpoint):
     hf, path, kwargs = hf_checkpoint
     ids, mask = padded_batch(np.random.RandomState(0), kwargs["vocab_size"], ROWS, WIDTH)
     ref = hf_logits(hf, ids, mask)
-    ours = np.asarray(qwen2.from_pretrained(path)(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask)))
+    ours = np.asarray(hf_io.load_pretrained(path)(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask)))
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     diff = np.abs(ours - ref)[_real(mask)]
     assert diff.max() <= 1e-4, f"max abs logit diff {diff.max()}"
@@ -61,7 +61,7 @@ def test_float32_logits_match_transformers(hf_checkpoint):
 def test_left_padding_equals_unpadded(hf_checkpoint):
     """A left-padded row gives the same logits as the same tokens alone (positions skip padding)."""
     _, path, kwargs = hf_checkpoint
-    model = qwen2.from_pretrained(path)
+    model = hf_io.load_pretrained(path)
     rng = np.random.RandomState(1)
     tokens = rng.randint(0, kwargs["vocab_size"], size=(1, 6))
     padded = np.concatenate([np.zeros((1, 4), np.int64), tokens], axis=1)
@@ -78,7 +78,7 @@ def test_bfloat16_kl_to_transformers(hf_checkpoint):
     hf16 = hf16.to(torch.bfloat16)
     ids, mask = padded_batch(np.random.RandomState(2), kwargs["vocab_size"], ROWS, WIDTH)
     ref = hf_logits(hf16, ids, mask)[_real(mask)].astype(np.float64)
-    model = qwen2.from_pretrained(path, dtype=jnp.bfloat16)
+    model = hf_io.load_pretrained(path, dtype=jnp.bfloat16)
     assert model.embed_tokens[...].dtype == jnp.bfloat16
     ours = np.asarray(model(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask)))
     assert ours.dtype == np.float32
@@ -92,7 +92,7 @@ def test_bfloat16_kl_to_transformers(hf_checkpoint):
 def test_cached_prefill_and_decode_match_transformers(hf_checkpoint, prefill):
     """Prefill a left-padded prompt, then decode token by token: logits equal HF's full forward."""
     hf, path, kwargs = hf_checkpoint
-    model = qwen2.from_pretrained(path)
+    model = hf_io.load_pretrained(path)
     ids, mask = padded_batch(np.random.RandomState(3), kwargs["vocab_size"], [(5, "left"), (8, "none")], 8)
     extra = np.random.RandomState(4).randint(0, kwargs["vocab_size"], size=(2, 4))
     full_ids = np.concatenate([ids, extra], axis=1)
@@ -103,9 +103,8 @@ def test_cached_prefill_and_decode_match_transformers(hf_checkpoint, prefill):
         cache = model.init_cache(2, 16)
         logits, cache = model.forward_with_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), cache)
     else:  # the sampler's prefill: attention over the prompt only (in chunks of 3, 3, 2 queries), 16 slots
-        query_chunk = 3 if prefill == "prefill_cache_chunked" else None
-        hidden, cache = model.prefill_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), 16,
-                                            query_chunk=query_chunk)
+        tiles = (3, None) if prefill == "prefill_cache_chunked" else (None, None)
+        hidden, cache = model.prefill_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), 16, tiles=tiles)
         logits = model.logits_from_hidden(hidden)
         assert cache.max_length == 16
     steps = [np.asarray(logits)]

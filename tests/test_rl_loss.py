@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, qwen2
 from agentflow_jax.rl import advantages, batch as batch_lib, logprobs, loss
 from agentflow_jax.rl.batch import TurnRecord
 
@@ -438,7 +438,7 @@ def test_full_logits_are_never_materialised_in_forward_or_backward():
 
 # ----------------------------------------------------------------------------- tiny Qwen2: log-probs, accumulation
 
-TINY = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+TINY = model_config.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, hf_io, qwen2
 from agentflow_jax.sampling import Sampler, buckets, loop
 from hf_reference import make_hf_model
 
@@ -25,7 +25,7 @@ def _load_pair(tmp_path_factory, name: str, seed: int, tied: bool):
     hf = make_hf_model(seed, init_std=INIT_STD, tie_word_embeddings=tied, **TINY)
     path = tmp_path_factory.mktemp(name)
     hf.save_pretrained(path)
-    return hf, qwen2.from_pretrained(path)
+    return hf, hf_io.load_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -295,7 +295,7 @@ def test_map_row_blocks_keeps_row_order_and_axes():
 
 
 def test_update_params_rejects_other_shapes(sampler):
-    other = qwen2.abstract_model(qwen2.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64,
+    other = qwen2.abstract_model(model_config.Qwen2Config(vocab_size=256, hidden_size=32, intermediate_size=64,
                                                    num_layers=2, num_heads=4, num_kv_heads=2))
     with pytest.raises(ValueError, match="shapes"):
         sampler.update_params(other)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agentflow_jax import sft
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, hf_io, qwen2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_PATH = os.path.join(ROOT, "experiments", "configs", "tiny_cpu.py")
@@ -102,7 +102,7 @@ def test_make_batch_puts_the_loss_on_the_target_tokens_only():
 
 
 def test_train_step_compiles_once_per_length_bucket_and_learns():
-    config = qwen2.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+    config = model_config.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                                num_kv_heads=1)
     trainer = sft.SFTTrainer(qwen2.init_random(config), learning_rate=1e-2, steps=20, warmup_steps=2,
                              end_lr_fraction=0.1, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.98, chunk_size=512)
@@ -126,7 +126,7 @@ def test_smoke_run_writes_a_loadable_warm_start_and_is_reused(tmp_path):
     assert set(report["sft"]["compiles_per_bucket"].values()) == {1}
     assert set(report["timings_s"]) >= {"world", "demos", "tokenizer", "sft", "total"}
     paths = sft.Paths(str(tmp_path / "ws"))
-    model = qwen2.from_pretrained(paths.model, dtype=jnp.float32)
+    model = hf_io.load_pretrained(paths.model, dtype=jnp.float32)
     tokenizer = sft.SentencePieceTokenizer.load(paths.tokenizer)
     assert model.config.vocab_size == tokenizer.vocab_size
     assert os.path.isfile(os.path.join(paths.model, "tokenizer.model"))
@@ -173,7 +173,7 @@ def test_toy_config_runs_two_flow_grpo_steps_end_to_end(tmp_path):
         assert {"eval_accuracy/lookup", "eval_accuracy/arithmetic", "eval_accuracy/composition",
                 "eval_tool_choice"} <= set(metrics)
     assert os.path.isfile(os.path.join(config.workdir, "curves.png"))
-    exported = qwen2.from_pretrained(os.path.join(config.workdir, "planner_hf"), dtype=jnp.float32)
-    assert exported.config.vocab_size == qwen2.from_pretrained(config.model.path).config.vocab_size
+    exported = hf_io.load_pretrained(os.path.join(config.workdir, "planner_hf"), dtype=jnp.float32)
+    assert exported.config.vocab_size == hf_io.load_pretrained(config.model.path).config.vocab_size
     config.agent.frozen = "model"  # the warm-started reference model serves the frozen roles
     assert sft.rl_frozen_engine(config) is None

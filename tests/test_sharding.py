@@ -9,7 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from agentflow_jax import sharding
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import hf_io, qwen2
 from agentflow_jax.rl import loss as loss_lib
 from agentflow_jax.sampling import Sampler, buckets
 from hf_reference import make_hf_model, padded_batch
@@ -53,7 +53,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_device(checkpoint):
     """Reference results on one device: (ids, mask, logits, greedy SamplerOutput)."""
-    model = qwen2.from_pretrained(checkpoint)
+    model = hf_io.load_pretrained(checkpoint)
     ids, mask = padded_batch(np.random.RandomState(0), 256, [(12, "none"), (7, "left"), (1, "left"), (9, "left")] * 2,
                              width=12)
     ids, mask = ids.astype(np.int32), mask.astype(bool)
@@ -66,7 +66,7 @@ def single_device(checkpoint):
 def test_mesh_matches_single_device(checkpoint, single_device, mesh_spec, expected_specs, batch_axes, monkeypatch):
     ids, mask, reference_logits, reference_greedy = single_device
     mesh = sharding.make_mesh(mesh_spec)
-    model = qwen2.from_pretrained(checkpoint, mesh=mesh)
+    model = hf_io.load_pretrained(checkpoint, mesh=mesh)
     for name, value in _named_params(model).items():
         assert value.sharding.spec == expected_specs[name], name
 
@@ -112,11 +112,11 @@ def test_training_loss_and_gradients_on_a_mesh_equal_one_device(checkpoint, sing
         sampler_logprobs=np.zeros_like(loss_mask))
     config = loss_lib.LossConfig(entropy_coef=0.01, logits_chunk_size=16)
 
-    graphdef, params = nnx.split(qwen2.from_pretrained(checkpoint))
+    graphdef, params = nnx.split(hf_io.load_pretrained(checkpoint))
     (loss_one, _), grads_one = loss_lib.make_value_and_grad(graphdef, config)(params, inputs)
 
     mesh = sharding.make_mesh(mesh_spec)
-    graphdef, params = nnx.split(qwen2.from_pretrained(checkpoint, mesh=mesh))
+    graphdef, params = nnx.split(hf_io.load_pretrained(checkpoint, mesh=mesh))
     batch_sharding = NamedSharding(mesh, P(batch_axes))
     sharded_inputs = jax.tree.map(lambda x: jax.device_put(x, batch_sharding), inputs)
     with sharding.activation_sharding(mesh, "training"):
@@ -128,7 +128,7 @@ def test_training_loss_and_gradients_on_a_mesh_equal_one_device(checkpoint, sing
 
 def test_reshard_training_to_sampling_keeps_values(checkpoint):
     mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
-    model = qwen2.from_pretrained(checkpoint, mesh=mesh)
+    model = hf_io.load_pretrained(checkpoint, mesh=mesh)
     before = jax.tree.map(np.asarray, nnx.state(model))
     sharding.shard_model(model, mesh, "sampling")
     after = jax.tree.map(np.asarray, nnx.state(model))

@@ -13,7 +13,7 @@ import pytest
 from agentflow_jax import train as train_lib
 from agentflow_jax.agent import prompts
 from agentflow_jax.agent.memory import Memory
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, hf_io, qwen2
 from agentflow_jax.models.tokenizer import SentencePieceTokenizer
 from agentflow_jax.rl.batch import TurnRecord
 from agentflow_jax.rl.trainer import trajectory_minibatches
@@ -43,9 +43,9 @@ def tiny_run(tmp_path_factory):
     texts = [m["content"] for q in QUERIES for m in prompts.build_planner_prompt(
         Memory(q["query"]), toolbox, step=1, max_steps=2, compact_tools=True)]
     tokenizer = SentencePieceTokenizer.train(texts * 3, vocab_size=400, model_path=root / "tokenizer.model")
-    config = qwen2.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+    config = model_config.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
                                num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
-    qwen2.save_pretrained(qwen2.init_random(config, seed=0), root / "model")
+    hf_io.save_pretrained(qwen2.init_random(config, seed=0), root / "model")
     for name, rows in (("train.jsonl", QUERIES), ("eval.jsonl", QUERIES[:4])):
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
@@ -104,7 +104,7 @@ def test_zero_learning_rate_keeps_parameters(tiny_run, tmp_path):
     train_lib.run(config)
     from agentflow_jax.checkpoint import TrainCheckpointer
 
-    model = qwen2.from_pretrained(tiny_run / "model")
+    model = hf_io.load_pretrained(tiny_run / "model")
     before = nnx.state(model)
     restored = TrainCheckpointer(str(tmp_path / "lr0" / "checkpoints")).restore_latest(params=before)
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(restored.params)):

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from agentflow_jax.agent.engines import Generation, GenerationRequest
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import hf_io
 from agentflow_jax.models.tokenizer import Tokenizer, load_tokenizer
 from agentflow_jax.sampling import Sampler
 
@@ -54,7 +54,7 @@ class JaxEngine:
                        dtype: Any = jnp.float32, max_cache_length: int = 4096, seed: int = 0) -> "JaxEngine":
         """Loads a local HF-format Qwen2 directory; the tokenizer comes from `tokenizer` or the same directory
         (its HF tokenizer files, else a SentencePiece `tokenizer.model`)."""
-        model = qwen2.from_pretrained(path, dtype=dtype)
+        model = hf_io.load_pretrained(path, dtype=dtype)
         return cls(Sampler(model, max_cache_length=max_cache_length),
                    load_tokenizer(tokenizer if tokenizer is not None else _tokenizer_spec(os.fspath(path))), seed=seed)
 

@@ -30,6 +30,7 @@ from jax.sharding import NamedSharding
 
 from agentflow_jax import sharding
 from agentflow_jax.models import qwen2
+from agentflow_jax.models.config import Qwen2Config, from_hf_config, to_hf_config
 
 _ST_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -40,7 +41,7 @@ _ST_DTYPES: dict[str, np.dtype] = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class CheckpointError(ValueError):
+class ModelFilesError(ValueError):
     """A checkpoint directory or file is missing, corrupt or does not fit the model."""
 
 
@@ -64,27 +65,27 @@ def _read_header(path: str) -> dict[str, _TensorInfo]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
-            raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+            raise ModelFilesError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
         (header_len,) = struct.unpack("<Q", raw)
         if header_len > size - 8:
-            raise CheckpointError(f"{path}: header claims {header_len} bytes but the file has {size} (truncated?)")
+            raise ModelFilesError(f"{path}: header claims {header_len} bytes but the file has {size} (truncated?)")
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+            raise ModelFilesError(f"{path}: unreadable safetensors header ({e})") from e
     data_start = 8 + header_len
     infos = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
         if meta.get("dtype") not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
+            raise ModelFilesError(f"{path}: tensor {name!r} has unsupported dtype {meta.get('dtype')!r}")
         begin, end = meta["data_offsets"]
         dtype, shape = _ST_DTYPES[meta["dtype"]], tuple(meta["shape"])
         if end - begin != int(np.prod(shape)) * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name!r} byte range does not match shape {shape} {dtype}")
+            raise ModelFilesError(f"{path}: tensor {name!r} byte range does not match shape {shape} {dtype}")
         if data_start + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has only "
+            raise ModelFilesError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has only "
                                   f"{size} bytes (truncated or partially downloaded file)")
         infos[name] = _TensorInfo(path, dtype, shape, data_start + begin, data_start + end)
     return infos
@@ -99,7 +100,7 @@ class SafetensorsReader:
         for path in self._weight_files(directory):
             for name, info in _read_header(path).items():
                 if name in self.tensors:
-                    raise CheckpointError(f"tensor {name!r} appears in both {self.tensors[name].file} and {path}")
+                    raise ModelFilesError(f"tensor {name!r} appears in both {self.tensors[name].file} and {path}")
                 self.tensors[name] = info
         self._maps: dict[str, np.memmap] = {}
 
@@ -110,18 +111,18 @@ class SafetensorsReader:
             with open(index_path, encoding="utf-8") as f:
                 weight_map = json.load(f).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_path}: no 'weight_map' object")
+                raise ModelFilesError(f"{index_path}: no 'weight_map' object")
             files = [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
             missing = [p for p in files if not os.path.isfile(p)]
             if missing:
-                raise CheckpointError(f"{index_path} lists files that do not exist: {missing}")
+                raise ModelFilesError(f"{index_path} lists files that do not exist: {missing}")
             return files
         files = sorted(os.path.join(directory, n) for n in os.listdir(directory) if n.endswith(".safetensors"))
         if not files:
             other = [n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth", ".gguf"))]
             hint = (f" (found {other}: re-save with transformers' save_pretrained(safe_serialization=True))"
                     if other else "")
-            raise CheckpointError(f"no *.safetensors weights in {directory}{hint}")
+            raise ModelFilesError(f"no *.safetensors weights in {directory}{hint}")
         return files
 
     def get(self, name: str) -> np.ndarray:
@@ -147,12 +148,12 @@ class _Mapping:
 
     path: tuple[str, ...]
     hf_name: str
-    hf_shape: Callable[[qwen2.Qwen2Config], tuple[int, ...]]
-    to_ours: Callable[[np.ndarray, qwen2.Qwen2Config], np.ndarray]
-    to_hf: Callable[[np.ndarray, qwen2.Qwen2Config], np.ndarray]
+    hf_shape: Callable[[Qwen2Config], tuple[int, ...]]
+    to_ours: Callable[[np.ndarray, Qwen2Config], np.ndarray]
+    to_hf: Callable[[np.ndarray, Qwen2Config], np.ndarray]
     per_layer: bool = True
 
-    def names(self, config: qwen2.Qwen2Config) -> list[str]:
+    def names(self, config: Qwen2Config) -> list[str]:
         if not self.per_layer:
             return [self.hf_name]
         return [self.hf_name.format(i=i) for i in range(config.num_layers)]
@@ -168,13 +169,13 @@ def _transpose(x, c):
     return x.T
 
 
-def _in_heads_out(heads: Callable[[qwen2.Qwen2Config], int]):
+def _in_heads_out(heads: Callable[[Qwen2Config], int]):
     """HF [heads*dh, D] <-> ours [D, heads, dh]."""
     return (lambda x, c: x.T.reshape(c.hidden_size, heads(c), c.dim_per_head),
             lambda x, c: x.reshape(c.hidden_size, -1).T)
 
 
-def _bias_heads(heads: Callable[[qwen2.Qwen2Config], int]):
+def _bias_heads(heads: Callable[[Qwen2Config], int]):
     """HF [heads*dh] <-> ours [heads, dh]."""
     return (lambda x, c: x.reshape(heads(c), c.dim_per_head), lambda x, c: x.reshape(-1))
 
@@ -207,7 +208,7 @@ def _layer_mappings() -> list[_Mapping]:
     return maps
 
 
-def mappings(config: qwen2.Qwen2Config) -> list[_Mapping]:
+def mappings(config: Qwen2Config) -> list[_Mapping]:
     """Every parameter of a model with this config, in HF checkpoint order."""
     maps = [_Mapping(("embed_tokens",), "model.embed_tokens.weight", lambda c: (c.vocab_size, c.hidden_size),
                      _identity, _identity, per_layer=False)]
@@ -225,7 +226,7 @@ def mappings(config: qwen2.Qwen2Config) -> list[_Mapping]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_names(reader: SafetensorsReader, config: qwen2.Qwen2Config) -> None:
+def _check_names(reader: SafetensorsReader, config: Qwen2Config) -> None:
     expected = {name for m in mappings(config) for name in m.names(config)}
     present = set(reader.tensors)
     ignorable = {n for n in present if n.endswith(_IGNORED_SUFFIXES)}
@@ -234,14 +235,14 @@ def _check_names(reader: SafetensorsReader, config: qwen2.Qwen2Config) -> None:
     missing = sorted(expected - present)
     unknown = sorted(present - expected - ignorable)
     if missing:
-        raise CheckpointError(f"{reader.directory}: checkpoint lacks {len(missing)} tensor(s) the config needs, "
+        raise ModelFilesError(f"{reader.directory}: checkpoint lacks {len(missing)} tensor(s) the config needs, "
                               f"e.g. {missing[:5]} (does config.json match the weights?)")
     if unknown:
-        raise CheckpointError(f"{reader.directory}: checkpoint has {len(unknown)} tensor(s) a Qwen2 model with this "
+        raise ModelFilesError(f"{reader.directory}: checkpoint has {len(unknown)} tensor(s) a Qwen2 model with this "
                               f"config does not use, e.g. {unknown[:5]}")
 
 
-def _host_array(reader: SafetensorsReader, mapping: _Mapping, config: qwen2.Qwen2Config,
+def _host_array(reader: SafetensorsReader, mapping: _Mapping, config: Qwen2Config,
                 dtype: np.dtype) -> np.ndarray:
     """One parameter in our layout and `dtype`, assembled on the host (layers stacked)."""
     expected_shape = mapping.hf_shape(config)
@@ -249,7 +250,7 @@ def _host_array(reader: SafetensorsReader, mapping: _Mapping, config: qwen2.Qwen
     for name in mapping.names(config):
         tensor = reader.get(name)
         if tensor.shape != expected_shape:
-            raise CheckpointError(f"tensor {name!r} has shape {tensor.shape} but the config implies "
+            raise ModelFilesError(f"tensor {name!r} has shape {tensor.shape} but the config implies "
                                   f"{expected_shape} (file {reader.tensors[name].file})")
         parts.append(mapping.to_ours(tensor, config).astype(dtype))
     return np.stack(parts) if mapping.per_layer else parts[0]
@@ -262,14 +263,24 @@ def _get_variable(state: nnx.State, path: tuple[str, ...]) -> nnx.Variable:
     return node
 
 
-def load(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
-         mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | str | None = None,
-         remat: bool = False) -> qwen2.Qwen2ForCausalLM:
-    """Builds a Qwen2ForCausalLM from a local HF directory (see qwen2.from_pretrained)."""
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = jnp.float32, param_dtype: Any = None,
+                    mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | str | None = None,
+                    remat: bool = False) -> qwen2.Qwen2ForCausalLM:
+    """Loads a local Hugging Face Qwen2 directory (config.json + *.safetensors).
+
+    Args:
+      path: the directory (weights load only from local directories, never a hub).
+      dtype: compute dtype; param_dtype defaults to it.
+      mesh: when given, every parameter is placed straight into its sharding on this mesh
+        (according to `rules`, default `sharding.TRAINING_RULES`), never assembled on one device.
+      remat: recompute each layer in the backward pass.
+    Raises:
+      FileNotFoundError: no such directory; ModelFilesError: missing, corrupt or mismatched files.
+    """
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"model directory {directory!r} does not exist (weights load only from local dirs)")
-    config = qwen2.from_hf_config(directory)
+    config = from_hf_config(directory)
     reader = SafetensorsReader(directory)
     _check_names(reader, config)
     param_dtype = np.dtype(param_dtype or dtype)
@@ -332,9 +343,10 @@ def _hf_tensors(model: qwen2.Qwen2ForCausalLM, dtype: np.dtype | None
     return entries
 
 
-def save(model: qwen2.Qwen2ForCausalLM, path: str | os.PathLike, *, dtype: Any = None,
-         max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes `config.json` and safetensors (sharded above `max_shard_bytes`, with an index).
+def save_pretrained(model: qwen2.Qwen2ForCausalLM, path: str | os.PathLike, *, dtype: Any = None,
+                    max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `config.json` and safetensors (sharded above `max_shard_bytes`, as transformers does,
+    with an index) that transformers' `Qwen2ForCausalLM.from_pretrained` loads.
 
     In a multi-process run every process must call this (arrays are gathered); process 0 writes.
     """
@@ -368,4 +380,4 @@ def save(model: qwen2.Qwen2ForCausalLM, path: str | os.PathLike, *, dtype: Any =
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     saved_dtype = np_dtype or np.dtype(_get_variable(nnx.state(model), ("embed_tokens",)).get_value().dtype)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(qwen2.to_hf_config(model.config, saved_dtype), f, indent=2)
+        json.dump(to_hf_config(model.config, saved_dtype), f, indent=2)

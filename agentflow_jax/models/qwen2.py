@@ -16,10 +16,9 @@ Training memory: whole-sequence attention runs in causal tiles with a FlashAtten
 (`models.attention`), and the SwiGLU MLP has its own VJP (`swiglu`) that keeps only its input and
 the two up-projections; `remat=True` recomputes each layer in the backward pass on top of that.
 
-Public API:
-  model = qwen2.from_pretrained(path, dtype=jnp.float32)   # local HF directory
+Public API (architecture in `models.config`; loading and saving HF directories in `models.hf_io`):
+  model = qwen2.init_random(config, seed=0)                 # or hf_io.load_pretrained(path)
   logits = model(input_ids, attention_mask=attention_mask)  # [B, T] int32 -> [B, T, V] float32
-  qwen2.save_pretrained(model, path)                        # HF layout transformers can load
   cache = model.init_cache(batch_size, max_length)
   logits, cache = model.forward_with_cache(input_ids, attention_mask, cache)   # prefill / decode
 """
@@ -27,10 +26,7 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
-import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.nnx as nnx
 import jax
@@ -38,168 +34,10 @@ import jax.numpy as jnp
 
 from agentflow_jax import sharding
 from agentflow_jax.models import attention
+from agentflow_jax.models.config import Qwen2Config
 
 Array = jax.Array
 DType = Any
-
-
-# ----------------------------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Qwen2Config:
-    """Architecture hyper-parameters of a Qwen2-family model (names follow the paper's models)."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int | None = None  # defaults to hidden_size // num_heads
-    rope_theta: float = 1_000_000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
-
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Qwen2Config.{name} must be positive, got {getattr(self, name)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim is None and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) is not divisible by num_heads ({self.num_heads}); "
-                             "set head_dim explicitly")
-        if self.dim_per_head % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.dim_per_head}")
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
-
-    @property
-    def num_params(self) -> int:
-        """Exact parameter count (embedding counted once when tied)."""
-        d, f, h, k, dh = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.dim_per_head
-        attn = d * h * dh + h * dh + 2 * (d * k * dh + k * dh) + h * dh * d
-        layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.vocab_size * d + self.num_layers * layer + d + head
-
-    def replace(self, **changes) -> "Qwen2Config":
-        return dataclasses.replace(self, **changes)
-
-
-def _qwen25(hidden, inter, layers, heads, kv, tied, vocab) -> Qwen2Config:
-    return Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
-                       num_heads=heads, num_kv_heads=kv, tie_word_embeddings=tied)
-
-
-PRESETS: dict[str, Qwen2Config] = {
-    "qwen2.5-0.5b": _qwen25(896, 4864, 24, 14, 2, True, 151_936),
-    "qwen2.5-1.5b": _qwen25(1536, 8960, 28, 12, 2, True, 151_936),
-    "qwen2.5-3b": _qwen25(2048, 11008, 36, 16, 2, True, 151_936),
-    "qwen2.5-7b": _qwen25(3584, 18944, 28, 28, 4, False, 152_064),
-    "qwen2.5-14b": _qwen25(5120, 13824, 48, 40, 8, False, 152_064),
-    "qwen2.5-32b": _qwen25(5120, 27648, 64, 40, 8, False, 152_064),
-}
-
-
-def preset(name: str) -> Qwen2Config:
-    """A named preset, e.g. "qwen2.5-7b" (the paper's backbone)."""
-    key = name.lower().replace("_", "-").replace("-instruct", "")
-    if key not in PRESETS:
-        raise KeyError(f"unknown Qwen2 preset {name!r}; available: {sorted(PRESETS)}")
-    return PRESETS[key]
-
-
-def from_hf_config(config: Mapping[str, Any] | str | os.PathLike) -> Qwen2Config:
-    """Builds a Qwen2Config from a transformers `config.json` (a dict, the file, or its directory).
-
-    Accepts both the transformers 4.x (`rope_theta`) and 5.x (`rope_parameters`) spellings.
-    Raises ValueError for other architectures and for features this port does not implement
-    (sliding-window attention, rope scaling).
-    """
-    if not isinstance(config, Mapping):
-        path = os.fspath(config)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no config.json at {path!r}: expected a Hugging Face model directory")
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    model_type = config.get("model_type")
-    if model_type != "qwen2":
-        archs = config.get("architectures")
-        raise ValueError(f"config has model_type={model_type!r} (architectures={archs}); this loader reads Qwen2 / "
-                         "Qwen2.5 checkpoints (model_type 'qwen2', Qwen2ForCausalLM) only")
-    if config.get("use_sliding_window"):
-        raise ValueError("config enables sliding-window attention (use_sliding_window=true); not supported")
-    rope = dict(config.get("rope_parameters") or {})
-    rope_scaling = config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_scaling or rope_type != "default":
-        raise ValueError(f"rope scaling {rope_scaling or rope} is not supported (only the default RoPE)")
-    theta = rope.get("rope_theta", config.get("rope_theta", 1_000_000.0))
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim")
-    if head_dim == config["hidden_size"] // heads:
-        head_dim = None
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers") if k not in config]
-    if missing:
-        raise ValueError(f"config.json lacks required keys {missing}")
-    if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act={config['hidden_act']!r} is not supported (Qwen2 uses silu)")
-    return Qwen2Config(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_layers=config["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=config.get("num_key_value_heads", heads),
-        head_dim=head_dim,
-        rope_theta=float(theta),
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
-    )
-
-
-_ENDOFTEXT_ID, _IM_END_ID = 151643, 151645
-
-
-def to_hf_config(config: Qwen2Config, dtype: DType = jnp.float32) -> dict[str, Any]:
-    """The `config.json` dict transformers needs to build `Qwen2ForCausalLM` for this config."""
-    dtype_name = jnp.dtype(dtype).name
-    hf = {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "tie_word_embeddings": config.tie_word_embeddings,
-        "use_sliding_window": False,
-        "sliding_window": None,
-        "attention_dropout": 0.0,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
-    }
-    if config.vocab_size > _IM_END_ID:  # Qwen vocabulary: record its special ids as the originals do
-        hf.update(bos_token_id=_ENDOFTEXT_ID, eos_token_id=_IM_END_ID)
-    if config.head_dim is not None:
-        hf["head_dim"] = config.head_dim
-    return hf
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,36 +125,16 @@ class Attention(nnx.Module):
         v = _einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt), dt) + self.v_bias[...].astype(dt)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    @jax.named_scope("attention_core")
     def attend(self, q: Array, segments: Sequence[tuple[Array, Array, Array]]) -> Array:
-        """Softmax attention in float32 over one or more key/value segments (one joint softmax).
-
-        The cached path passes two segments, the cache as it was and the new tokens, so the cache
-        is only read here; the new keys are written once after all layers (no per-layer copies).
-        Keys and values are head-major ([B, K, S, Dh]): with the batch and head dimensions leading,
-        XLA's batched dots need no transposes of the (large) cache (decode attention 10x faster on CPU).
+        """`attention.cached_attention` over key/value segments, then the output projection.
 
         Args:
           q: [B, T, H, Dh] queries.
-          segments: (k, v, allowed) triples: k, v [B, K, S_i, Dh] (K divides H); allowed
-            [B, T or 1, S_i] bool, which keys each query may see.
+          segments: (k, v, allowed) triples: k, v [B, K, S_i, Dh]; allowed [B, T or 1, S_i] bool.
         Returns:
           [B, T, D] attention output after the o projection.
         """
-        b, t, h, dh = q.shape
-        kv = segments[0][0].shape[1]
-        qg = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, Dh]
-        neg = jnp.finfo(jnp.float32).min
-        scores = [jnp.where(allowed[:, None, None, :, :],
-                            jnp.einsum("bkgtd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * (dh ** -0.5),
-                            neg) for k, _, allowed in segments]
-        peak = functools.reduce(jnp.maximum, [jnp.max(x, axis=-1, keepdims=True) for x in scores])
-        weights = [jnp.exp(x - peak) for x in scores]
-        total = functools.reduce(jnp.add, [jnp.sum(w, axis=-1, keepdims=True) for w in weights])
-        out = functools.reduce(jnp.add, [
-            _einsum("bkgts,bksd->bkgtd", (w / total).astype(v.dtype), v, jnp.float32)
-            for w, (_, v, _) in zip(weights, segments)])
-        return self.project_out(out.astype(self.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh))
+        return self.project_out(attention.cached_attention(q, segments))
 
     @jax.named_scope("attention_out")
     def project_out(self, heads: Array) -> Array:
@@ -490,48 +308,41 @@ class Qwen2ForCausalLM(nnx.Module):
         return self.logits_from_hidden(self.hidden_states(input_ids, attention_mask, positions))
 
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None,
-                      positions: Array | None = None, *, query_chunk: int | None = None,
-                      key_chunk: int | None = None) -> Array:
+                      positions: Array | None = None, *, tiles: attention.Tiles | None = None) -> Array:
         """Final-norm hidden states [B, T, D] in `dtype` (the input of the LM head).
 
-        `query_chunk`, `key_chunk`: attention tiles (see `attention.causal_attention`); None = whole
-        sequence. Hidden states at padding positions are unspecified.
+        `tiles`: (query_chunk, key_chunk) of the causal attention (see `attention.causal_attention`);
+        None = `attention.default_tiles(T)`. Hidden states at padding positions are unspecified.
         """
-        return self._forward(input_ids, attention_mask, positions, keep_kv=False, query_chunk=query_chunk,
-                             key_chunk=key_chunk)[0]
+        return self._forward(input_ids, attention_mask, positions, keep_kv=False, tiles=tiles)[0]
 
     def prefill_cache(self, input_ids: Array, attention_mask: Array | None, cache_length: int, *,
-                      query_chunk: int | None = None, key_chunk: int | None = None) -> tuple[Array, KVCache]:
+                      tiles: attention.Tiles | None = None) -> tuple[Array, KVCache]:
         """Runs prompts once and returns (hidden [B, T, D], a cache of `cache_length` slots holding them).
 
         `prompt_kv` followed by `KVCache.from_prompt`; arguments as there.
         """
         input_ids, mask = _check_inputs(input_ids, attention_mask)
-        hidden, k, v = self.prompt_kv(input_ids, mask, query_chunk=query_chunk, key_chunk=key_chunk)
+        hidden, k, v = self.prompt_kv(input_ids, mask, tiles=tiles)
         return hidden, KVCache.from_prompt(k, v, mask, cache_length)
 
     def prompt_kv(self, input_ids: Array, attention_mask: Array | None, *,
-                  query_chunk: int | None = None, key_chunk: int | None = None) -> tuple[Array, Array, Array]:
+                  tiles: attention.Tiles | None = None) -> tuple[Array, Array, Array]:
         """Runs prompts once: (hidden [B, T, D], every layer's keys and values [L, B, K, T, Dh]).
 
-        Attention covers the prompt only (T x T); with `query_chunk` it runs in chunks of that
-        many queries, each over the keys up to its end, in blocks of `key_chunk` keys (see
-        `attention.causal_attention`). Hidden states at padding positions are unspecified.
+        Attention covers the prompt only (T x T), in causal tiles (`tiles` as in `hidden_states`).
+        Hidden states at padding positions are unspecified.
         """
-        hidden, (k, v) = self._forward(input_ids, attention_mask, None, keep_kv=True, query_chunk=query_chunk,
-                                       key_chunk=key_chunk)
+        hidden, (k, v) = self._forward(input_ids, attention_mask, None, keep_kv=True, tiles=tiles)
         return hidden, k, v
 
     def _forward(self, input_ids: Array, attention_mask: Array | None, positions: Array | None, *,
-                 keep_kv: bool, query_chunk: int | None = None,
-                 key_chunk: int | None = None) -> tuple[Array, tuple[Array, Array] | None]:
-        """Causal forward over whole sequences; optionally returns every layer's k, v [L, B, K, T, Dh].
-
-        `query_chunk`, `key_chunk`: attention tiles (see `attention.causal_attention`); None = whole sequence.
-        """
+                 keep_kv: bool, tiles: attention.Tiles | None) -> tuple[Array, tuple[Array, Array] | None]:
+        """Causal forward over whole sequences; optionally returns every layer's k, v [L, B, K, T, Dh]."""
         input_ids, mask = _check_inputs(input_ids, attention_mask)
         if positions is None:
             positions = positions_from_mask(mask)
+        query_chunk, key_chunk = tiles if tiles is not None else attention.default_tiles(input_ids.shape[1])
         x = self._embed(input_ids)
         cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
 
@@ -663,7 +474,7 @@ def _check_inputs(input_ids: Array, attention_mask: Array | None) -> tuple[Array
 
 
 # ----------------------------------------------------------------------------------------------
-# Construction and checkpoint entry points
+# Construction
 # ----------------------------------------------------------------------------------------------
 
 
@@ -678,27 +489,3 @@ def abstract_model(config: Qwen2Config, *, dtype: DType = jnp.float32, param_dty
                    remat: bool = False) -> Qwen2ForCausalLM:
     """The model with ShapeDtypeStruct placeholders instead of arrays (no memory, no compute)."""
     return nnx.eval_shape(lambda: init_random(config, dtype=dtype, param_dtype=param_dtype, remat=remat))
-
-
-def from_pretrained(path: str | os.PathLike, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
-                    mesh: jax.sharding.Mesh | None = None, rules: sharding.Rules | None = None,
-                    remat: bool = False) -> Qwen2ForCausalLM:
-    """Loads a local Hugging Face Qwen2 directory (config.json + *.safetensors).
-
-    Args:
-      path: the directory.
-      dtype: compute dtype; param_dtype defaults to it.
-      mesh: when given, every parameter is placed straight into its sharding on this mesh
-        (according to `rules`, default `sharding.TRAINING_RULES`), never assembled on one device.
-    """
-    from agentflow_jax.models import hf_io
-
-    return hf_io.load(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules, remat=remat)
-
-
-def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike, *, dtype: DType | None = None,
-                    max_shard_bytes: int = 5 * 2**30) -> None:
-    """Writes config.json and safetensors (sharded above `max_shard_bytes`) that transformers loads."""
-    from agentflow_jax.models import hf_io
-
-    hf_io.save(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes)

@@ -1,9 +1,9 @@
 """Per-token log-probs (and entropies) of given targets without materialising [B, T, V] logits.
 
-The backbone runs once to final hidden states [B, T, D] (attention in causal tiles, see
-`models.attention`). The LM head, log-softmax and target gather then run over chunks of C
-positions in a loop, so only a [C, V] float32 block of logits exists at any time, in the forward
-pass and in the backward pass.
+The backbone runs once to final hidden states [B, T, D] (attention in the causal tiles the model
+chooses, see `models.attention`). The LM head, log-softmax and target gather then run over chunks
+of C positions in a loop, so only a [C, V] float32 block of logits exists at any time, in the
+forward pass and in the backward pass.
 
 The head has its own VJP (`_head_logprobs`): the forward pass keeps the log-sum-exp of each
 position, and the backward pass walks the same chunks again, recomputes each chunk's logits, forms
@@ -28,7 +28,6 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from agentflow_jax.models import attention
 
 Array = jax.Array
 LMHead = Callable[[Array], Array]
@@ -57,8 +56,7 @@ def token_logprobs(graphdef: nnx.GraphDef, params: Any, input_ids: Array, attent
       finite but meaningless; mask them.
     """
     model = nnx.merge(graphdef, params)
-    query_chunk, key_chunk = attention.default_tiles(input_ids.shape[1])
-    hidden = model.hidden_states(input_ids, attention_mask, query_chunk=query_chunk, key_chunk=key_chunk)
+    hidden = model.hidden_states(input_ids, attention_mask)
     return logprobs_from_hidden(model.logits_from_hidden, hidden, targets, temperature=temperature,
                                 chunk_size=chunk_size, with_entropy=with_entropy, mask=mask)
 

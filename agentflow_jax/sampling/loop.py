@@ -56,7 +56,7 @@ def prefill(graphdef: nnx.GraphDef, params: nnx.State, input_ids: Array, attenti
     model = nnx.merge(graphdef, params)
 
     def run(ids: Array, mask: Array) -> tuple[Array, Array, Array]:
-        hidden, k, v = model.prompt_kv(ids, mask, query_chunk=query_chunk)
+        hidden, k, v = model.prompt_kv(ids, mask, tiles=(query_chunk, None))
         logits = model.logits_from_hidden(hidden[:, -1])  # left padding: the last slot is real
         return sharding.constrain(logits, ("batch", "vocab")), k, v
 

@@ -15,11 +15,11 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, qwen2
 from common import machine_summary
 
 
-def compile_seconds(config: qwen2.Qwen2Config, batch: int, length: int) -> float:
+def compile_seconds(config: model_config.Qwen2Config, batch: int, length: int) -> float:
     graphdef, abstract_state = nnx.split(qwen2.abstract_model(config))
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     forward = jax.jit(lambda state, ids: nnx.merge(graphdef, state)(ids))
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=128)
     args = parser.parse_args()
-    base = qwen2.preset(args.preset)
+    base = model_config.preset(args.preset)
     shallow, deep = base.replace(num_layers=2), base.replace(num_layers=28)
     compile_seconds(base.replace(num_layers=1), args.batch, args.length)  # warm JAX's own start-up
     t_shallow = compile_seconds(shallow, args.batch, args.length)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import transformers
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, hf_io
 from common import BENCH_CONFIG, machine_summary, median_seconds
 
 
@@ -40,8 +40,8 @@ def main() -> None:
     hf = transformers.Qwen2ForCausalLM(hf_config(BENCH_CONFIG)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = qwen2.from_pretrained(tmp)
-        ours_bf16 = qwen2.from_pretrained(tmp, dtype=jnp.bfloat16)
+        ours = hf_io.load_pretrained(tmp)
+        ours_bf16 = hf_io.load_pretrained(tmp, dtype=jnp.bfloat16)
 
     ids = np.random.RandomState(0).randint(0, BENCH_CONFIG["vocab_size"], (args.batch, args.length))
     ids_jax, ids_torch = jnp.asarray(ids, jnp.int32), torch.from_numpy(ids)
@@ -60,7 +60,7 @@ def main() -> None:
     t_bf16 = median_seconds(jax_runner(ours_bf16), repeats=args.repeats)
     t_hf = median_seconds(run_hf, repeats=args.repeats)
     print(f"machine: {machine_summary()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
-    print(f"model: {qwen2.Qwen2Config(**BENCH_CONFIG).num_params / 1e6:.1f}M params, float32, batch "
+    print(f"model: {model_config.Qwen2Config(**BENCH_CONFIG).num_params / 1e6:.1f}M params, float32, batch "
           f"{args.batch} x {args.length} tokens")
     print(f"ours (JAX):          {tokens / t_ours:10.0f} tokens/s  ({t_ours * 1e3:.1f} ms)")
     print(f"transformers (torch): {tokens / t_hf:10.0f} tokens/s  ({t_hf * 1e3:.1f} ms)")

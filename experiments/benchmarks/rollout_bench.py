@@ -17,7 +17,7 @@ from agentflow_jax.agent import prompts
 from agentflow_jax.agent.jax_engine import JaxEngine
 from agentflow_jax.agent.memory import Memory
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, rollout_batch
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, qwen2
 from agentflow_jax.models.tokenizer import SentencePieceTokenizer
 from agentflow_jax.sampling import Sampler
 from agentflow_jax.tools.base import Tool, ToolArgument, Toolbox, ToolMetadata
@@ -43,7 +43,7 @@ def build(args) -> tuple[JaxEngine, Toolbox, list[str]]:
         toolbox, compact_tools=True)]
     tokenizer = SentencePieceTokenizer.train(texts, vocab_size=args.vocab,
                                              model_path=f"{tempfile.mkdtemp()}/bench.model")
-    config = qwen2.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
+    config = model_config.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=128, intermediate_size=256,
                                num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
     engine = JaxEngine(Sampler(qwen2.init_random(config, seed=0), max_cache_length=2048), tokenizer)
     return engine, toolbox, queries

@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import config as model_config, qwen2
 from agentflow_jax.sampling import Sampler
 from common import machine_summary
 
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=768)
     args = parser.parse_args()
-    config = qwen2.Qwen2Config(vocab_size=args.vocab, hidden_size=128, intermediate_size=256, num_layers=2,
+    config = model_config.Qwen2Config(vocab_size=args.vocab, hidden_size=128, intermediate_size=256, num_layers=2,
                                num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
     model = qwen2.init_random(config, seed=0)
     samplers = {"blocks": Sampler(model, max_cache_length=2048, row_blocks=True),

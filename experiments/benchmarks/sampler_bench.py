@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import transformers
 
-from agentflow_jax.models import qwen2
+from agentflow_jax.models import hf_io
 from agentflow_jax.sampling import Sampler
 
 
@@ -78,7 +78,7 @@ def build_models(args: argparse.Namespace, directory: str):
     hf = transformers.Qwen2ForCausalLM(config).eval()
     hf.save_pretrained(directory)
     dtypes = ("float32", "bfloat16") if args.bf16 else ("float32",)
-    return hf, {name: qwen2.from_pretrained(directory, dtype=jnp.dtype(name)) for name in dtypes}
+    return hf, {name: hf_io.load_pretrained(directory, dtype=jnp.dtype(name)) for name in dtypes}
 
 
 def hf_greedy(hf: transformers.Qwen2ForCausalLM, prompts: np.ndarray, new_tokens: int) -> np.ndarray:

@@ -57,7 +57,7 @@ import optax
 import torch
 import transformers
 
-from agentflow_jax.models import hf_io, qwen2
+from agentflow_jax.models import config as model_config, hf_io
 from agentflow_jax.rl import logprobs as logprobs_lib
 from agentflow_jax.rl import loss as loss_lib
 from agentflow_jax.rl.batch import TurnRecord, pack_turns
@@ -87,7 +87,7 @@ def make_records(batch: int, prompt: int, response: int, vocab: int, seed: int) 
     return records
 
 
-def update_flops(config: qwen2.Qwen2Config, batch: int, length: int, head_positions: int) -> float:
+def update_flops(config: model_config.Qwen2Config, batch: int, length: int, head_positions: int) -> float:
     """Matmul FLOPs of forward + backward with the LM head at `head_positions` positions (docstring)."""
     head = config.vocab_size * config.hidden_size
     attention = 6.0 * config.num_layers * batch * length ** 2 * config.num_heads * config.dim_per_head
@@ -162,7 +162,7 @@ def torch_policy_loss(model: transformers.Qwen2ForCausalLM, t: dict[str, torch.T
     return ((pg + config.kl_coef * kl) * mask).sum() / mask.sum(), entropy
 
 
-def ours_grads_by_hf_name(grads: nnx.State, config: qwen2.Qwen2Config) -> dict[str, np.ndarray]:
+def ours_grads_by_hf_name(grads: nnx.State, config: model_config.Qwen2Config) -> dict[str, np.ndarray]:
     """Our gradients in the layout and under the names of the transformers checkpoint."""
     out = {}
     for mapping in hf_io.mappings(config):
@@ -206,12 +206,12 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    config = qwen2.Qwen2Config(**BENCH_CONFIG)
+    config = model_config.Qwen2Config(**BENCH_CONFIG)
     hf = transformers.Qwen2ForCausalLM(hf_config(BENCH_CONFIG)).train()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        graphdef, params = nnx.split(qwen2.from_pretrained(tmp))
-        remat_graphdef = nnx.graphdef(qwen2.from_pretrained(tmp, remat=True))  # same params, layers recomputed
+        graphdef, params = nnx.split(hf_io.load_pretrained(tmp))
+        remat_graphdef = nnx.graphdef(hf_io.load_pretrained(tmp, remat=True))  # same params, layers recomputed
 
     loss_config = loss_lib.LossConfig()  # the reference run's: token-mean, k3 KL coef 0.001, dual clip 3
     batch = pack_turns(make_records(args.batch, args.prompt, args.response, config.vocab_size, seed=0), pad_id=0)

@@ -36,7 +36,7 @@ import flax.nnx as nnx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from agentflow_jax.models import qwen2  # noqa: E402
+from agentflow_jax.models import config as model_config, qwen2  # noqa: E402
 from agentflow_jax.rl import loss as loss_lib  # noqa: E402
 from agentflow_jax.rl.batch import pack_turns  # noqa: E402
 from common import BENCH_CONFIG, machine_summary  # noqa: E402
@@ -58,7 +58,7 @@ def part_of(op_name: str) -> str:
     return part + (" bwd" if "transpose(" in op_name else " fwd")
 
 
-def torch_step(config: qwen2.Qwen2Config, input_ids: np.ndarray) -> Callable[[], None]:
+def torch_step(config: model_config.Qwen2Config, input_ids: np.ndarray) -> Callable[[], None]:
     """One transformers forward + backward (mean log-sum-exp of the logits) of the same model and batch."""
     import torch
     import transformers
@@ -87,7 +87,7 @@ def main() -> None:
                         help="a transformers forward + backward before each timed call (torch is then needed)")
     args = parser.parse_args()
 
-    config = qwen2.Qwen2Config(**BENCH_CONFIG)
+    config = model_config.Qwen2Config(**BENCH_CONFIG)
     graphdef, params = nnx.split(qwen2.init_random(config, seed=0, remat=args.remat))
     loss_config = loss_lib.LossConfig()
     batch = pack_turns(make_records(args.batch, args.prompt, args.response, config.vocab_size, seed=0), pad_id=0)
