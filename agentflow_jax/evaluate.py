@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from agentflow_jax.agent.engines import Engine
+from agentflow_jax.engines import Engine
 from agentflow_jax.agent.rollout import RolloutConfig, Trajectory, rollout_batch
 from agentflow_jax.rl.trainer import score_trajectories
 from agentflow_jax.tools.base import Toolbox

@@ -602,7 +602,7 @@ def evaluate_agent(model: qwen2.Qwen2ForCausalLM, tokenizer: SentencePieceTokeni
                    planner_temperature: float) -> dict[str, Any]:
     """The whole agent on held-out questions: the warm-started planner (this model) and the frozen
     roles of `settings.frozen` ("ideal": `IdealFrozenEngine`; "model": this model too)."""
-    from agentflow_jax.agent.jax_engine import JaxEngine
+    from agentflow_jax.engines.jax_engine import JaxEngine
     from agentflow_jax.agent.rollout import rollout_batch
     from agentflow_jax.sampling import Sampler
 

@@ -18,7 +18,7 @@ import textwrap
 
 from absl import app, flags
 
-from agentflow_jax.agent.engines import Engine, engine_from_spec
+from agentflow_jax.engines import Engine, engine_from_spec
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, Trajectory, rollout_batch
 from agentflow_jax.tools import build_toolbox
 

@@ -30,7 +30,7 @@ from ml_collections import config_flags
 
 from agentflow_jax import checkpoint as checkpoint_lib
 from agentflow_jax import sharding
-from agentflow_jax.agent.engines import Engine
+from agentflow_jax.engines import Engine
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams
 from agentflow_jax.data.pipeline import load_queries, make_query_iterator
 from agentflow_jax.evaluate import evaluate_queries

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agentflow_jax.agent import prompts
-from agentflow_jax.agent.jax_engine import JaxEngine, _runs_of_equal_length
+from agentflow_jax.engines.jax_engine import JaxEngine, _runs_of_equal_length
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, rollout_batch
 from agentflow_jax.models import config as model_config, hf_io, qwen2
 from agentflow_jax.models.tokenizer import SentencePieceTokenizer
@@ -84,7 +84,7 @@ def test_groups_are_sampled_with_n(model, tokenizer, monkeypatch):
 
     monkeypatch.setattr(sampler, "generate", spy)
     engine = JaxEngine(sampler, tokenizer)
-    from agentflow_jax.agent.engines import GenerationRequest
+    from agentflow_jax.engines import GenerationRequest
 
     requests = [GenerationRequest(messages=({"role": "user", "content": q},), max_new_tokens=3, temperature=1.0)
                 for q in ["one", "one", "two", "two"]]
@@ -96,7 +96,7 @@ def test_groups_are_sampled_with_n(model, tokenizer, monkeypatch):
 def test_engine_from_spec_loads_a_directory(model, tokenizer, tmp_path):
     import shutil
 
-    from agentflow_jax.agent.engines import engine_from_spec
+    from agentflow_jax.engines import engine_from_spec
 
     hf_io.save_pretrained(model, tmp_path)
     with pytest.raises(FileNotFoundError, match="no tokenizer"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from agentflow_jax.agent.engines import Generation, ScriptedEngine
+from agentflow_jax.engines import Generation, ScriptedEngine
 from agentflow_jax.rl import rewards
 
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from agentflow_jax.agent import prompts
-from agentflow_jax.agent.engines import GenerationRequest, ScriptedEngine
+from agentflow_jax.engines import GenerationRequest, ScriptedEngine
 from agentflow_jax.agent.rollout import RolloutConfig, rollout_batch
 from agentflow_jax.tools.base import Tool, ToolArgument, Toolbox, ToolMetadata
 

@@ -17,7 +17,7 @@ import uuid
 import psutil
 import pytest
 
-from agentflow_jax.agent.engines import Generation
+from agentflow_jax.engines import Generation
 from agentflow_jax.tools import sandbox
 from agentflow_jax.tools.python_coder import PythonCoderTool, extract_code
 from agentflow_jax.tools.sandbox import run_python

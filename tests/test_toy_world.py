@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from agentflow_jax.agent.engines import ScriptedEngine
+from agentflow_jax.engines import ScriptedEngine
 from agentflow_jax.agent.rollout import rollout_batch
 from agentflow_jax.data import demonstrations as dm
 from agentflow_jax.data import toy_world

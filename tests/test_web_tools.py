@@ -14,7 +14,7 @@ import urllib.parse
 
 import pytest
 
-from agentflow_jax.agent.engines import Generation
+from agentflow_jax.engines import Generation
 from agentflow_jax.tools import build_toolbox
 from agentflow_jax.tools.base import ToolCall, Toolbox
 from agentflow_jax.tools.web import (GoogleSearchTool, WebRagTool, WikipediaSearchTool, chunk_words,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from agentflow_jax.agent.engines import Message
+from agentflow_jax.engines import Message
 from agentflow_jax.agent.memory import Memory
 from agentflow_jax.tools.base import ToolArgument, ToolMetadata, Toolbox, normalize_tool_name
 

@@ -26,7 +26,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from agentflow_jax.agent import modules, prompts
-from agentflow_jax.agent.engines import Engine, Generation, GenerationRequest
+from agentflow_jax.engines import Engine, Generation, GenerationRequest
 from agentflow_jax.agent.memory import Memory
 from agentflow_jax.tools.base import ToolCall, Toolbox, ToolResult
 

@@ -42,7 +42,7 @@ import threading
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from agentflow_jax.agent import prompts
-from agentflow_jax.agent.engines import Generation, GenerationRequest, Message, ScriptedEngine
+from agentflow_jax.engines import Generation, GenerationRequest, Message, ScriptedEngine
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, Trajectory, rollout_batch
 from agentflow_jax.config_sections import dataclass_from_section
 from agentflow_jax.data import toy_world

@@ -27,7 +27,7 @@ import string
 from fractions import Fraction
 from typing import Mapping, Sequence
 
-from agentflow_jax.agent.engines import Engine, GenerationRequest
+from agentflow_jax.engines import Engine, GenerationRequest
 
 SCORE_KINDS = ("exact", "f1", "math", "choice", "game24", "judge")
 GOLD_SEPARATOR = "; "

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agentflow_jax.agent.engines import Engine
-from agentflow_jax.agent.jax_engine import JaxEngine
+from agentflow_jax.engines import Engine
+from agentflow_jax.engines.jax_engine import JaxEngine
 from agentflow_jax.agent.rollout import RolloutConfig, Trajectory, rollout_batch
 from agentflow_jax.models.tokenizer import Tokenizer
 from agentflow_jax.rl import advantages as advantages_lib

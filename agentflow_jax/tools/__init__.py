@@ -28,7 +28,7 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Mapping, Sequence
 
-from agentflow_jax.agent.engines import Engine
+from agentflow_jax.engines import Engine
 from agentflow_jax.tools.base import Tool, Toolbox, normalize_tool_name
 from agentflow_jax.tools.generator import GeneralistSolutionTool
 from agentflow_jax.tools.python_coder import PythonCoderTool

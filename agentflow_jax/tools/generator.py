@@ -6,7 +6,7 @@ answers are plausible in form and often wrong (the toy world relies on exactly t
 
 from __future__ import annotations
 
-from agentflow_jax.agent.engines import Engine, GenerationRequest
+from agentflow_jax.engines import Engine, GenerationRequest
 from agentflow_jax.tools.base import Tool, ToolArgument, ToolMetadata
 
 GENERALIST_METADATA = ToolMetadata(

@@ -12,7 +12,7 @@ import dataclasses
 import re
 import secrets
 
-from agentflow_jax.agent.engines import Engine, GenerationRequest
+from agentflow_jax.engines import Engine, GenerationRequest
 from agentflow_jax.tools import sandbox
 from agentflow_jax.tools.base import Tool, ToolArgument, ToolMetadata
 

@@ -18,7 +18,7 @@ import re
 import urllib.parse
 from typing import Any, Sequence
 
-from agentflow_jax.agent.engines import Engine, GenerationRequest
+from agentflow_jax.engines import Engine, GenerationRequest
 from agentflow_jax.tools.base import Tool, ToolArgument, ToolMetadata
 from agentflow_jax.tools.http_client import HttpRequestError, fetch, fetch_json
 from agentflow_jax.tools.search import rank_passages

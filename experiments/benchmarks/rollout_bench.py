@@ -14,7 +14,7 @@ import tempfile
 import time
 
 from agentflow_jax.agent import prompts
-from agentflow_jax.agent.jax_engine import JaxEngine
+from agentflow_jax.engines.jax_engine import JaxEngine
 from agentflow_jax.agent.memory import Memory
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, rollout_batch
 from agentflow_jax.models import config as model_config, qwen2

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
-from agentflow_jax.agent.engines import Generation, GenerationRequest
+from agentflow_jax.engines.base import Generation, GenerationRequest
 from agentflow_jax.models import hf_io
 from agentflow_jax.models.tokenizer import Tokenizer, load_tokenizer
 from agentflow_jax.sampling import Sampler
