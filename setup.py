@@ -40,4 +40,7 @@ setup(
     packages=find_packages(include=["agentflow_jax", "agentflow_jax.*"]),
     install_requires=RUNTIME,
     extras_require=EXTRAS,
+    # Engine kinds other packages add to the registry (agentflow_jax.engines.registry); the toy world's
+    # scripted frozen model is one, so the training path resolves "toy:..." specs without importing it.
+    entry_points={"agentflow_jax.engines": ["toy = agentflow_jax.toy.frozen:engine_from_spec"]},
 )

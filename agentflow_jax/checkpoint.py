@@ -41,6 +41,9 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from agentflow_jax.errors import UserError
+from agentflow_jax.train_state import TrainState
+
 PARAMS = "params"
 OPT_STATE = "opt_state"
 DATA_ITERATOR = "data_iterator"
@@ -50,8 +53,8 @@ META_FORMAT_VERSION = 1
 RngTree = jax.Array | Mapping[str, jax.Array] | None
 
 
-class CheckpointError(RuntimeError):
-    """Base class of the checkpoint errors below."""
+class CheckpointError(UserError, RuntimeError):
+    """Base class of the checkpoint errors below (the run directory's files, not a bug: one line at the CLI)."""
 
 
 class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
@@ -405,6 +408,12 @@ class TrainCheckpointer:
         return self._manager.save(int(step), args=ocp.args.Composite(**items),
                                   metrics=scalar_metrics if ranked else None, force=force)
 
+    def save_state(self, state: TrainState, *, metrics: Mapping[str, Any] | None = None,
+                   metadata: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+        """`save` of a `TrainState` at its step (params, optimizer, base seed, data iterator)."""
+        return self.save(state.step, params=state.params, opt_state=state.opt_state, rng=np.asarray(state.rng),
+                         data_iterator=state.data_iterator, metrics=metrics, metadata=metadata, force=force)
+
     # -- restore ----------------------------------------------------------------------------------
 
     def restore_latest(self, *, params: Any, opt_state: Any = None,
@@ -456,6 +465,14 @@ class TrainCheckpointer:
             metrics=dict(meta.get("metrics", {})),
             metadata=dict(meta.get("metadata", {})),
         )
+
+    def restore_state(self, target: TrainState, step: int | None = None) -> TrainState:
+        """`restore` into a `TrainState` whose params and opt_state are the restore targets (arrays come
+        back on their shardings) and whose data iterator is set in place; default step: the newest."""
+        restored = self.restore(step, params=target.params, opt_state=target.opt_state,
+                                data_iterator=target.data_iterator)
+        rng = target.rng if restored.rng is None else np.asarray(restored.rng, np.uint32)
+        return target.replace(params=restored.params, opt_state=restored.opt_state, step=restored.step, rng=rng)
 
     def _check_iterator_saved(self, step: int, meta: Mapping[str, Any]) -> None:
         """Data iterator states are per process: there must be one for each process of this run."""

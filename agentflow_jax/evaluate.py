@@ -17,9 +17,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from agentflow_jax.engines import Engine
 from agentflow_jax.agent.rollout import RolloutConfig, Trajectory, rollout_batch
-from agentflow_jax.rl.trainer import score_trajectories
+from agentflow_jax.engines import Engine
+from agentflow_jax.rl.rewards import LLMJudge, score_trajectories
 from agentflow_jax.tools.base import Toolbox
 
 
@@ -36,8 +36,9 @@ def chosen_tools(trajectory: Trajectory) -> tuple[str | None, ...]:
 
 
 def evaluate_queries(records: Sequence[Mapping[str, Any]], *, planner: Engine, frozen: Engine, toolbox: Toolbox,
-                     rollout: RolloutConfig, batch_size: int = 64) -> EvalResult:
-    """One trajectory per record (in batches of `batch_size` queries); metrics over all of them."""
+                     rollout: RolloutConfig, batch_size: int = 64, judge: LLMJudge | None = None) -> EvalResult:
+    """One trajectory per record (in batches of `batch_size` queries); metrics over all of them.
+    `judge` scores the records of kind "judge"."""
     if not records:
         raise ValueError("evaluate_queries needs at least one record")
     trajectories: list[Trajectory] = []
@@ -46,7 +47,7 @@ def evaluate_queries(records: Sequence[Mapping[str, Any]], *, planner: Engine, f
         chunk = list(records[start:start + batch_size])
         batch = rollout_batch([r["query"] for r in chunk], n=1, planner=planner, frozen=frozen, toolbox=toolbox,
                               config=rollout)
-        rewards.append(score_trajectories(batch, chunk))
+        rewards.append(score_trajectories(batch, chunk, judge=judge))
         trajectories += [dataclasses.replace(t, query_id=start + t.query_id) for t in batch]
     rewards_array = np.concatenate(rewards)
     return EvalResult(metrics=eval_metrics(records, trajectories, rewards_array), trajectories=trajectories,

@@ -16,7 +16,9 @@ import time
 import jax.numpy as jnp
 from absl import app, flags
 
-from agentflow_jax.models import config as model_config, hf_io, qwen2
+from agentflow_jax import cli
+from agentflow_jax.models import config as model_config
+from agentflow_jax.models import hf_io, qwen2
 from agentflow_jax.models.tokenizer import load_tokenizer
 from agentflow_jax.sampling import Sampler
 
@@ -62,4 +64,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,8 +18,9 @@ import textwrap
 
 from absl import app, flags
 
-from agentflow_jax.engines import Engine, engine_from_spec
+from agentflow_jax import cli
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams, Trajectory, rollout_batch
+from agentflow_jax.engines import Engine, engine_from_spec
 from agentflow_jax.tools import build_toolbox
 
 FLAGS = flags.FLAGS
@@ -111,4 +112,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

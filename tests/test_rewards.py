@@ -13,7 +13,7 @@ from agentflow_jax.rl import rewards
     ("U.S.A.", "usa"),
 ])
 def test_normalize_answer(text, normalised):
-    assert rewards.normalize_answer(text) == normalised
+    assert rewards.squad_normalize(text) == normalised
 
 
 @pytest.mark.parametrize("answer, gold, expected", [
@@ -23,7 +23,7 @@ def test_normalize_answer(text, normalised):
     ("obama", "Barack Obama; Michelle Obama", 0.0),
 ])
 def test_exact(answer, gold, expected):
-    assert rewards.score(answer, gold, "exact") == expected
+    assert rewards.score_answer(answer, gold, "exact") == expected
 
 
 @pytest.mark.parametrize("answer, gold, expected", [
@@ -34,7 +34,7 @@ def test_exact(answer, gold, expected):
     ("a the", "the", 1.0),  # both normalise to nothing
 ])
 def test_token_f1(answer, gold, expected):
-    assert rewards.score(answer, gold, "f1") == pytest.approx(expected)
+    assert rewards.score_answer(answer, gold, "f1") == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("answer, gold", [
@@ -58,7 +58,7 @@ def test_token_f1(answer, gold, expected):
     ("7", "6; 7"),
 ])
 def test_math_equivalent(answer, gold):
-    assert rewards.score(answer, gold, "math") == 1.0
+    assert rewards.score_answer(answer, gold, "math") == 1.0
 
 
 @pytest.mark.parametrize("answer, gold", [
@@ -70,7 +70,7 @@ def test_math_equivalent(answer, gold):
     ("-5", "5"),
 ])
 def test_math_not_equivalent(answer, gold):
-    assert rewards.score(answer, gold, "math") == 0.0
+    assert rewards.score_answer(answer, gold, "math") == 0.0
 
 
 CHOICES = ["Paris", "London", "J. K. Rowling", "Berlin"]
@@ -96,11 +96,11 @@ CHOICES = ["Paris", "London", "J. K. Rowling", "Berlin"]
     ("Paris", "Paris", None, 1.0),  # no letter anywhere: text comparison
 ])
 def test_choice(answer, gold, choices, expected):
-    assert rewards.score(answer, gold, "choice", choices=choices) == expected
+    assert rewards.score_answer(answer, gold, "choice", choices=choices) == expected
 
 
 def test_choice_accepts_letter_mapping():
-    assert rewards.score("Berlin", "D", "choice", choices={"a": "Paris", "d": "Berlin"}) == 1.0
+    assert rewards.score_answer("Berlin", "D", "choice", choices={"a": "Paris", "d": "Berlin"}) == 1.0
 
 
 @pytest.mark.parametrize("expression, numbers, valid, reason_fragment", [
@@ -136,21 +136,21 @@ def test_game24(expression, numbers, valid, reason_fragment):
 
 
 def test_game24_score_reads_numbers_from_gold():
-    assert rewards.score("6 * 4 * (1 * 1)", "[1, 1, 4, 6]", "game24") == 1.0
-    assert rewards.score("(1 * 1) * 6 * 4", "1 1 4 6", "game24") == 1.0
-    assert rewards.score("6 * 4 * (1 * 1)", "1 2 4 6", "game24") == 0.0
+    assert rewards.score_answer("6 * 4 * (1 * 1)", "[1, 1, 4, 6]", "game24") == 1.0
+    assert rewards.score_answer("(1 * 1) * 6 * 4", "1 1 4 6", "game24") == 1.0
+    assert rewards.score_answer("6 * 4 * (1 * 1)", "1 2 4 6", "game24") == 0.0
 
 
 @pytest.mark.parametrize("kind", ["exact", "f1", "math", "choice", "game24"])
 def test_missing_answer_scores_zero(kind):
-    assert rewards.score(None, "1 1 4 6", kind) == 0.0
+    assert rewards.score_answer(None, "1 1 4 6", kind) == 0.0
 
 
 def test_unknown_kind_and_missing_judge():
     with pytest.raises(ValueError, match="unknown score kind"):
-        rewards.score("x", "x", "fuzzy")
+        rewards.score_answer("x", "x", "fuzzy")
     with pytest.raises(ValueError, match="judge=LLMJudge"):
-        rewards.score("x", "x", "judge")
+        rewards.score_answer("x", "x", "judge")
 
 
 def test_judge_parses_verdicts_and_records_malformed_output():
@@ -173,6 +173,6 @@ def test_judge_parses_verdicts_and_records_malformed_output():
 def test_score_with_judge():
     engine = ScriptedEngine(lambda request: Generation(text="Verdict: True"))
     judge = rewards.LLMJudge(engine)
-    assert rewards.score("Barack Obama", "Obama", "judge", judge=judge, question="Who?") == 1.0
-    assert rewards.score(None, "Obama", "judge", judge=judge) == 0.0
+    assert rewards.score_answer("Barack Obama", "Obama", "judge", judge=judge, question="Who?") == 1.0
+    assert rewards.score_answer(None, "Obama", "judge", judge=judge) == 0.0
     assert len(engine.requests) == 1

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from agentflow_jax.rl import advantages
-from agentflow_jax.rl.batch import TurnRecord, pack_turns
 
 ESTIMATORS = ["grpo", "grpo_no_std", "drgrpo", "rloo"]
 
@@ -112,17 +111,6 @@ def test_every_turn_of_a_trajectory_gets_the_same_advantage():
     got = advantages.compute_advantages(rewards, queries, trajectories)
     for trajectory in set(trajectories.tolist()):
         assert len(set(got[trajectories == trajectory].tolist())) == 1
-
-
-def test_batch_advantages_skip_padding_rows():
-    records = [TurnRecord(q, t, (1, 2), (3,), (-0.5,), r) for q, t, r in MIXED_ROWS]
-    batch = pack_turns(records, pad_id=0, length_bucket=4, row_bucket=4)
-    assert batch.num_rows == 12
-    got = advantages.batch_advantages(batch, estimator="rloo", grouping="turn")
-    rewards, queries, trajectories = _columns(MIXED_ROWS)
-    expected = advantages.compute_advantages(rewards, queries, trajectories, estimator="rloo", grouping="turn")
-    np.testing.assert_array_equal(got[:10], expected)
-    np.testing.assert_array_equal(got[10:], 0.0)
 
 
 def test_registry_and_errors():

@@ -8,13 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from agentflow_jax.models import config as model_config, qwen2
-from agentflow_jax.rl import advantages, batch as batch_lib, logprobs, loss
+from agentflow_jax.models import config as model_config
+from agentflow_jax.models import qwen2
+from agentflow_jax.rl import advantages, logprobs, loss
+from agentflow_jax.rl import batch as batch_lib
 from agentflow_jax.rl.batch import TurnRecord
 
 AGGREGATIONS = ["token-mean", "flow", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 # ----------------------------------------------------------------------------- references (plain Python)
+
+
+def row_advantages(batch):
+    """GRPO advantages of a packed batch's real rows (trajectory grouping), 0 on padding rows."""
+    real = batch.row_is_real
+    out = np.zeros(batch.num_rows, np.float32)
+    out[real] = advantages.compute_advantages(batch.reward[real], batch.query_id[real], batch.trajectory_id[real])
+    return out
 
 
 def reference_pg(logp: float, old: float, advantage: float, config: loss.LossConfig) -> float:
@@ -237,7 +247,7 @@ def _random_loss_setting(config: loss.LossConfig, seed: int = 3):
         logp[row, t] = old[row, t] + delta
     ref = logp + rng.normal(scale=0.5, size=shape).astype(np.float32)
     entropy = rng.random(shape).astype(np.float32) * 3
-    adv = advantages.batch_advantages(b)
+    adv = row_advantages(b)
     inputs = loss.make_loss_inputs(b, adv, old, ref, config)
     return b, inputs, logp, entropy, old, ref, adv
 
@@ -501,7 +511,7 @@ def test_bfloat16_policy_loss_gradients_stay_close_to_float32(tiny_batch):
     current, _ = logprobs.token_logprobs(graphdef_f32, params_f32, b.input_ids, b.attention_mask, b.targets)
     rng = np.random.default_rng(2)
     old = np.asarray(current) + rng.normal(scale=0.3, size=current.shape).astype(np.float32)
-    inputs = loss.make_loss_inputs(b, advantages.batch_advantages(b), old, old, config)
+    inputs = loss.make_loss_inputs(b, row_advantages(b), old, old, config)
     (loss_low, _), grads_low = loss.make_value_and_grad(graphdef_low, config)(params_low, inputs)
     (loss_f32, _), grads_f32 = loss.make_value_and_grad(graphdef_f32, config)(params_f32, inputs)
     assert all(g.dtype == jnp.bfloat16 for g in jax.tree.leaves(grads_low))
@@ -520,7 +530,7 @@ def test_accumulated_microbatch_gradients_equal_full_batch(tiny_policy, tiny_bat
     rng = np.random.default_rng(1)
     old = np.asarray(current) + rng.normal(scale=0.5, size=current.shape).astype(np.float32)
     ref = np.asarray(current) + rng.normal(scale=0.5, size=current.shape).astype(np.float32)
-    adv = advantages.batch_advantages(b)
+    adv = row_advantages(b)
     # Aggregation lives entirely in the token weights: one compiled step serves every mode.
     value_and_grad = loss.make_value_and_grad(graphdef, base)
 

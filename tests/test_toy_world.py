@@ -7,12 +7,22 @@ import re
 
 import pytest
 
-from agentflow_jax.engines import ScriptedEngine
 from agentflow_jax.agent.rollout import rollout_batch
-from agentflow_jax.data import demonstrations as dm
-from agentflow_jax.data import toy_world
-from agentflow_jax.data.toy_world import GENERALIST_TOOL, PYTHON_TOOL, SEARCH_TOOL
+from agentflow_jax.config_reader import ConfigError
+from agentflow_jax.engines import ScriptedEngine
+from agentflow_jax.experiment import read_experiment
+from agentflow_jax.rl.rewards import score_answer
 from agentflow_jax.tools.search import BM25Index
+from agentflow_jax.toy import demonstrations as dm
+from agentflow_jax.toy import frozen
+from agentflow_jax.toy import tokenizer as toy_tokenizer
+from agentflow_jax.toy import world as toy_world
+from agentflow_jax.toy.config import TokenizerSection
+from agentflow_jax.toy.warm_start import encode_demo
+from agentflow_jax.toy.world import GENERALIST_TOOL, PYTHON_TOOL, SEARCH_TOOL
+
+TINY_CPU = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "configs",
+                        "tiny_cpu.py")
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +31,29 @@ def world():
 
 
 @pytest.fixture(scope="module")
-def world_dir(world, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("world")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("run")
+
+
+@pytest.fixture(scope="module")
+def world_dir(world, run_dir):
+    directory = run_dir / "warm_start" / "world"
     world.save(directory)
     return str(directory)
+
+
+@pytest.fixture(scope="module")
+def agent(run_dir, world_dir):
+    """The toy agent as the shipped config describes it (toolbox factory, rollout config), on this world."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_cpu", TINY_CPU)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.workdir = str(run_dir)
+    experiment = read_experiment(config, extra_sections=("toy",))
+    return experiment.tools.build, experiment.rollout_config()
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +166,14 @@ def test_search_ranks_the_right_passage_first_for_every_oracle_sub_goal(world, i
     assert not wrong, wrong[:5]
 
 
-def test_exact_match_normalisation():
-    assert toy_world.exact_match(" 1,642. ", "1642")
-    assert not toy_world.exact_match("1643", "1642")
-    assert not toy_world.exact_match(None, "1642")
+def test_generator_answers_score_as_exact_matches():
+    assert score_answer(" 1,642. ", "1642", "exact") == 1.0
+    assert score_answer("1643", "1642", "exact") == 0.0
+    assert score_answer(None, "1642", "exact") == 0.0
 
 
 def test_bad_world_config_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown world config key.*num_cities"):
+    with pytest.raises(ConfigError, match="config.toy.world has unknown key 'num_cities'"):
         toy_world.WorldConfig.from_mapping({"num_cities": 10})
     with pytest.raises(ValueError, match="kinds"):
         toy_world.WorldConfig(train_questions={"riddle": 3})
@@ -168,11 +197,12 @@ def _sample(world):
 
 
 @pytest.fixture(scope="module")
-def recording(world, world_dir):
-    return dm.record_demonstrations(_sample(world), os.path.join(world_dir, "corpus.jsonl"))
+def recording(world, agent):
+    toolbox_factory, rollout = agent
+    return dm.record_demonstrations(_sample(world), toolbox_factory=toolbox_factory, rollout=rollout)
 
 
-def test_replayed_demonstrations_reproduce_the_rollout_exactly(recording, world_dir):
+def test_replayed_demonstrations_reproduce_the_rollout_exactly(recording, agent):
     """Serving the demonstrations' replies by exact prompt through the real rollout and real tools
     asks for exactly the demonstrated prompts: every prompt (tool results in memory included) is
     what the agent builds at rollout time."""
@@ -191,11 +221,10 @@ def test_replayed_demonstrations_reproduce_the_rollout_exactly(recording, world_
         return replies[key]
 
     engine = ScriptedEngine(respond)
-    settings = dm.AgentSettings()
-    toolbox = dm.build_toy_toolbox(os.path.join(world_dir, "corpus.jsonl"), engine, settings)
+    toolbox_factory, rollout = agent
     questions = recording.questions
-    trajectories = rollout_batch([q.text for q in questions], n=1, planner=engine, frozen=engine, toolbox=toolbox,
-                                 config=settings.rollout_config())
+    trajectories = rollout_batch([q.text for q in questions], n=1, planner=engine, frozen=engine,
+                                 toolbox=toolbox_factory(engine), config=rollout)
     assert sorted(asked) == sorted(replies)
     assert [t.answer for t in trajectories] == [t.answer for t in recording.trajectories]
 
@@ -204,7 +233,7 @@ def test_demonstrations_cover_every_role_and_parse(recording):
     from agentflow_jax.agent import modules
 
     roles = {d.role for d in recording.demos}
-    assert roles == set(dm.ROLES)
+    assert roles == set(frozen.ROLES)
     for d in recording.demos:
         if d.role == "planner":
             step = modules.parse_planner_output(d.target, _metadata())
@@ -271,12 +300,10 @@ def test_planner_corruption_rate_and_its_dependence_on_phrasing(world, recording
 
 
 def test_tokenizer_round_trips_demonstrations_and_keeps_names_and_numbers_context_free(world, recording, tmp_path):
-    from agentflow_jax import sft
-
-    texts = sft.tokenizer_texts(world, recording.demos, max_texts=400, seed=0)
-    section = {"tokenizer": {"vocab_size": 900, "max_piece_length": 32, "max_texts": 400, "seed": 0}}
-    tokenizer = sft.train_tokenizer(section, world, texts, str(tmp_path / "tok.model"))
-    for piece in sft.TOOL_PIECES + tuple(e.name for e in world.entities[:50]) + sft.DIGIT_PAIRS:
+    texts = toy_tokenizer.tokenizer_texts(world, recording.demos, max_texts=400, seed=0)
+    section = TokenizerSection(vocab_size=900, max_piece_length=32, max_texts=400, seed=0)
+    tokenizer = toy_tokenizer.train_tokenizer(section, world, texts, str(tmp_path / "tok.model"))
+    for piece in toy_tokenizer.TOOL_PIECES + tuple(e.name for e in world.entities[:50]) + toy_tokenizer.DIGIT_PAIRS:
         assert len(tokenizer.encode(piece)) == 1, piece
     # A name or number is the same tokens wherever it appears (what makes copying it easy).
     name, number = world.entities[0].name, "94214"
@@ -287,7 +314,7 @@ def test_tokenizer_round_trips_demonstrations_and_keeps_names_and_numbers_contex
     for d in recording.demos:
         for text in [m["content"] for m in d.messages] + [d.target]:
             assert tokenizer.decode(tokenizer.encode(text, allow_special=False)) == text
-        example = sft.encode_demo(tokenizer, d)
+        example = encode_demo(tokenizer, d)
         assert tokenizer.decode(example.target_ids) == d.target + "<|im_end|>"
         assert tokenizer.decode(example.prompt_ids).endswith("<|im_start|>assistant\n")
 
@@ -299,50 +326,50 @@ def _planner_text(tool, sub_goal="Find the founding year of the city in the quer
     return dm.planner_output("j", "None.", sub_goal, tool)
 
 
-def _run(world, world_dir, question, planner_texts):
+def _run(world, agent, question, planner_texts):
     """One trajectory of `question` with scripted planner replies and the ideal frozen model."""
     replies = iter(planner_texts)
     planner = ScriptedEngine(lambda request: next(replies))
-    frozen = dm.IdealFrozenEngine(world.train + world.heldout)
-    toolbox = dm.build_toy_toolbox(os.path.join(world_dir, "corpus.jsonl"), frozen)
-    (trajectory,) = rollout_batch([question.text], n=1, planner=planner, frozen=frozen, toolbox=toolbox,
-                                  config=dm.AgentSettings().rollout_config())
+    engine = frozen.IdealFrozenEngine(world.train + world.heldout)
+    toolbox_factory, rollout = agent
+    (trajectory,) = rollout_batch([question.text], n=1, planner=planner, frozen=engine,
+                                  toolbox=toolbox_factory(engine), config=rollout)
     return trajectory
 
 
-def test_ideal_frozen_model_off_the_oracle_path(world, world_dir):
+def test_ideal_frozen_model_off_the_oracle_path(world, agent):
     lookup = next(q for q in world.train if q.kind == "lookup" and q.subtype == "founded")
     composition = next(q for q in world.train if q.kind == "composition" and q.subtype == "years_after")
     arithmetic = next(q for q in world.train if q.kind == "arithmetic")
     # A program cannot look a fact up: no result, the verifier continues, and a later search recovers.
-    t = _run(world, world_dir, lookup, [_planner_text(PYTHON_TOOL), _planner_text(SEARCH_TOOL)])
+    t = _run(world, agent, lookup, [_planner_text(PYTHON_TOOL), _planner_text(SEARCH_TOOL)])
     assert [turn.stop for turn in t.turns] == [False, True] and t.answer == lookup.answer
     # Searching the first city twice leaves the second fact missing until the last turn: no answer.
     first = "Find the founding year of the first city in the query."
-    t = _run(world, world_dir, composition, [_planner_text(SEARCH_TOOL, first)] * 3)
-    assert t.stop_reason == "max_turns" and t.answer == dm.NO_ANSWER
+    t = _run(world, agent, composition, [_planner_text(SEARCH_TOOL, first)] * 3)
+    assert t.stop_reason == "max_turns" and t.answer == frozen.NO_ANSWER
     # The generalist fools the verifier at any step; its wrong number becomes the answer.
     second = "Find the founding year of the second city in the query."
-    t = _run(world, world_dir, composition, [_planner_text(SEARCH_TOOL, second), _planner_text(GENERALIST_TOOL)])
+    t = _run(world, agent, composition, [_planner_text(SEARCH_TOOL, second), _planner_text(GENERALIST_TOOL)])
     assert t.stop_reason == "verifier" and len(t.turns) == 2
     assert t.answer == re.findall(r"\d+", composition.generalist_answer)[-1] != composition.answer
     # Order of the searches does not matter; the generator combines the two facts.
-    t = _run(world, world_dir, composition, [_planner_text(SEARCH_TOOL, second), _planner_text(SEARCH_TOOL, first)])
+    t = _run(world, agent, composition, [_planner_text(SEARCH_TOOL, second), _planner_text(SEARCH_TOOL, first)])
     assert t.answer == composition.answer
     # A search for an arithmetic question finds nothing useful; the program then answers it.
-    t = _run(world, world_dir, arithmetic, [_planner_text(SEARCH_TOOL, "Compute the expression in the query."),
+    t = _run(world, agent, arithmetic, [_planner_text(SEARCH_TOOL, "Compute the expression in the query."),
                                            _planner_text(PYTHON_TOOL, "Compute the expression in the query.")])
     assert [turn.stop for turn in t.turns] == [False, True] and t.answer == arithmetic.answer
     # An unknown tool name is a failed turn; the verifier continues.
-    t = _run(world, world_dir, lookup, [_planner_text("Teleport_Tool"), _planner_text(SEARCH_TOOL)])
+    t = _run(world, agent, lookup, [_planner_text("Teleport_Tool"), _planner_text(SEARCH_TOOL)])
     assert not t.turns[0].result.ok and t.answer == lookup.answer
 
 
 def test_ideal_frozen_model_never_reads_the_gold_answer(world):
     """Its replies depend on the memory in the prompt: an empty memory gives no answer."""
-    model = dm.IdealFrozenModel(world.train)
+    model = frozen.IdealFrozenModel(world.train)
     q = next(q for q in world.train if q.kind == "lookup")
-    assert model.answer(q.text, []) == dm.NO_ANSWER
+    assert model.answer(q.text, []) == frozen.NO_ANSWER
     assert model.verdict(q.text, []) == (False, "The founding year has not been found yet.") or q.subtype != "founded"
     passage = f"[1] Title: {q.entities[0]}\n{toy_world.fact_sentence(q.subtype, q.entities[0], 1234)}"
     assert model.answer(q.text, [(SEARCH_TOOL, passage)]) == "1234"

@@ -1,5 +1,6 @@
 """The Flow-GRPO trainer and the train entry point on a tiny random model (CPU, seconds)."""
 
+import dataclasses
 import json
 import os
 
@@ -13,10 +14,15 @@ import pytest
 from agentflow_jax import train as train_lib
 from agentflow_jax.agent import prompts
 from agentflow_jax.agent.memory import Memory
-from agentflow_jax.models import config as model_config, hf_io, qwen2
-from agentflow_jax.models.tokenizer import SentencePieceTokenizer
+from agentflow_jax.config_reader import ConfigError
+from agentflow_jax.experiment import read_experiment
+from agentflow_jax.models import config as model_config
+from agentflow_jax.models import hf_io, qwen2
+from agentflow_jax.models.tokenizer import SentencePieceTokenizer, load_tokenizer
+from agentflow_jax.optim import make_optimizer
+from agentflow_jax.rl import loss as loss_lib
 from agentflow_jax.rl.batch import TurnRecord
-from agentflow_jax.rl.trainer import trajectory_minibatches
+from agentflow_jax.rl.trainer import FlowGRPOTrainer, trajectory_minibatches
 from agentflow_jax.tools import build_toolbox
 
 QUERIES = [{"pid": f"q{i}", "query": f"What is {i} plus {i + 3}?", "answer": str(2 * i + 3), "kind": "exact"}
@@ -52,6 +58,7 @@ def tiny_run(tmp_path_factory):
 
 
 def make_config(root, workdir, *, steps=3, learning_rate=1e-3):
+    """A whole training config of the tiny run (every section spelt out, as a user's file would)."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.workdir = str(workdir)
@@ -84,10 +91,10 @@ def _train_metrics(workdir):
 
 
 def test_resumed_run_matches_uninterrupted_run(tiny_run, tmp_path):
-    full = train_lib.run(make_config(tiny_run, tmp_path / "full", steps=3))
+    full = train_lib.run(read_experiment(make_config(tiny_run, tmp_path / "full", steps=3)))
     assert full.steps == 3
-    train_lib.run(make_config(tiny_run, tmp_path / "resumed", steps=2))
-    resumed = train_lib.run(make_config(tiny_run, tmp_path / "resumed", steps=3))
+    train_lib.run(read_experiment(make_config(tiny_run, tmp_path / "resumed", steps=2)))
+    resumed = train_lib.run(read_experiment(make_config(tiny_run, tmp_path / "resumed", steps=3)))
     assert resumed.steps == 3
     a, b = _train_metrics(tmp_path / "full"), _train_metrics(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -101,7 +108,7 @@ def test_resumed_run_matches_uninterrupted_run(tiny_run, tmp_path):
 
 def test_zero_learning_rate_keeps_parameters(tiny_run, tmp_path):
     config = make_config(tiny_run, tmp_path / "lr0", steps=1, learning_rate=0.0)
-    train_lib.run(config)
+    train_lib.run(read_experiment(config))
     from agentflow_jax.checkpoint import TrainCheckpointer
 
     model = hf_io.load_pretrained(tiny_run / "model")
@@ -111,32 +118,108 @@ def test_zero_learning_rate_keeps_parameters(tiny_run, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def make_trainer(config, *, params=None, num_minibatches=None, kl_in_reward=None):
+    """A FlowGRPOTrainer of the tiny run as `train.run` builds it (optionally other params / settings)."""
+    experiment = read_experiment(config)
+    rl = experiment.rl
+    if num_minibatches is not None:
+        rl = dataclasses.replace(rl, num_minibatches=num_minibatches)
+    if kl_in_reward is not None:
+        rl = dataclasses.replace(rl, loss=dataclasses.replace(rl.loss, kl_in_reward=kl_in_reward, kl_coef=2.0))
+    graphdef, loaded = nnx.split(hf_io.load_pretrained(experiment.model.path))
+    return FlowGRPOTrainer(graphdef, loaded if params is None else params,
+                           tokenizer=load_tokenizer(experiment.model.tokenizer_spec),
+                           toolbox_factory=experiment.tools.build, optimizer=make_optimizer(experiment.optim),
+                           config=rl, rollout=experiment.rollout_config())
+
+
 def test_non_finite_loss_skips_update(tiny_run):
     config = make_config(tiny_run, "/unused")
-    model = train_lib.load_policy(config, None)
-    graphdef, params = nnx.split(model)
+    graphdef, params = nnx.split(hf_io.load_pretrained(tiny_run / "model"))
     params = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan) if x.ndim == 2 else x, params)
-    trainer = train_lib.FlowGRPOTrainer(
-        graphdef, params, tokenizer=train_lib.load_tokenizer(config.model.tokenizer),
-        toolbox_factory=train_lib.toolbox_factory(config), optimizer=train_lib.make_optimizer(1e-3),
-        config=train_lib.trainer_config(config), rollout=train_lib.rollout_config(config))
+    trainer = make_trainer(config, params=params)
     records = [TurnRecord(q, t, (5, 6, 7), (8, 9), (-1.0, -2.0), float(t % 2)) for q in range(2) for t in (2 * q, 2 * q + 1)]
-    opt_before = jax.tree.leaves(trainer.opt_state)
+    opt_before = jax.tree.leaves(trainer.state.opt_state)
     metrics = trainer.update(records)
     assert metrics["skipped_updates"] == 2.0 and metrics["updates"] == 0.0
-    for x, y in zip(opt_before, jax.tree.leaves(trainer.opt_state)):
+    for x, y in zip(opt_before, jax.tree.leaves(trainer.state.opt_state)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_bad_config_fails_before_compute(tiny_run, tmp_path):
-    config = make_config(tiny_run, tmp_path / "bad")
-    config.rl.loss.aggregation = "per-token-vibes"
-    with pytest.raises(ValueError, match="unknown aggregation"):
-        train_lib.trainer_config(config)
-    config = make_config(tiny_run, tmp_path / "bad2")
-    config.rl.estimator = "ppo"
-    with pytest.raises(ValueError, match="unknown estimator"):
-        train_lib.trainer_config(config)
+def _step_records(rng):
+    """Planner calls of 3 queries x 4 trajectories with 1-3 turns and mixed rewards."""
+    records, trajectory = [], 0
+    for query in range(3):
+        for _ in range(4):
+            reward = float(rng.integers(0, 2))
+            for _ in range(int(rng.integers(1, 4))):
+                prompt = tuple(rng.integers(5, 300, int(rng.integers(3, 12))).tolist())
+                response = tuple(rng.integers(5, 300, int(rng.integers(1, 6))).tolist())
+                records.append(TurnRecord(query, trajectory, prompt, response, (-1.0,) * len(response), reward))
+            trajectory += 1
+    return records
+
+
+def _advantage_per_record(minibatches, records):
+    """Each record's advantage as the mini-batches carry it (rows are packed in record order)."""
+    out = {}
+    indices = iter(range(len(records)))
+    for mb in minibatches:
+        for row in range(int(mb.batch.row_is_real.sum())):
+            out[next(indices)] = float(mb.advantages[row])
+    return np.asarray([out[i] for i in range(len(records))])
+
+
+def test_kl_in_reward_advantages_equal_the_whole_step_advantages_for_any_minibatch_count(tiny_run):
+    """With KL in the reward, the advantage of a trajectory does not depend on how the step is cut:
+    it equals the advantage computed from the whole step's rewards and per-trajectory KL penalties,
+    computed here independently from the reference and policy log-probs of each planner call."""
+    config = make_config(tiny_run, "/unused")
+    records = _step_records(np.random.default_rng(0))
+    one = make_trainer(config, num_minibatches=1, kl_in_reward=True)
+    # A policy that differs from the reference, so the KL penalties are not zero.
+    one.state = one.state.replace(params=jax.tree.map(lambda x: x * 4.0, one.state.params))
+    whole = one.prepare_minibatches(records)
+    penalties = loss_lib.kl_reward_penalties(whole[0].old_logprobs, one._batched_logprobs(one.ref_params, whole[0].batch),
+                                             whole[0].batch.loss_mask, one.config.loss)[:len(records)]
+    assert np.abs(penalties).max() > 0.05
+    by_trajectory = {}
+    for record, penalty in zip(records, penalties):
+        by_trajectory.setdefault(record.trajectory_id, [record.query_id, record.reward, 0.0])[2] += penalty
+    expected = np.zeros(len(records))
+    for query in range(3):
+        members = [(tid, r - p) for tid, (q, r, p) in by_trajectory.items() if q == query]
+        values = np.asarray([v for _, v in members])
+        if np.all(values == values[0]):
+            continue
+        normalised = (values - values.mean()) / (values.std(ddof=1) + 1e-6)
+        for (tid, _), a in zip(members, normalised):
+            expected[[i for i, r in enumerate(records) if r.trajectory_id == tid]] = a
+    np.testing.assert_allclose(_advantage_per_record(whole, records), expected, rtol=1e-4, atol=1e-5)
+    for count in (2, 3, 5, 12):
+        trainer = make_trainer(config, num_minibatches=count, kl_in_reward=True)
+        trainer.state = trainer.state.replace(params=one.state.params)
+        minibatches = trainer.prepare_minibatches(records)
+        assert len(minibatches) == count
+        np.testing.assert_allclose(_advantage_per_record(minibatches, records), expected, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{count} mini-batches")
+        assert all(mb.ref_logprobs is None for mb in minibatches)  # the KL left the loss
+
+
+def test_planner_calls_without_token_ids_are_refused():
+    from agentflow_jax.agent import modules
+    from agentflow_jax.agent.memory import Memory
+    from agentflow_jax.agent.rollout import PlannerCall, Trajectory, TurnLog
+    from agentflow_jax.rl.trainer import turn_records
+    from agentflow_jax.tools.base import ToolResult
+
+    step = modules.PlannerStep("j", "c", "s", None, "x")
+    call = PlannerCall(messages=(), text="t", step=step, prompt_ids=None, token_ids=None, logprobs=None,
+                       finish_reason="stop")
+    turn = TurnLog(planner=call, executor_text=None, command=None, result=ToolResult(False, "", "e"),
+                   verifier_text="", stop=True)
+    with pytest.raises(ValueError, match="without exact token ids"):
+        turn_records([Trajectory(query_id=0, sample_id=0, memory=Memory("q"), turns=(turn,))], np.ones(1))
 
 
 def _load_config_file(name):
@@ -148,29 +231,39 @@ def _load_config_file(name):
     return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_7b_flow_grpo.py", "tiny_cpu.py"])
-def test_shipped_configs_validate(name):
-    train_lib.validate_config(_load_config_file(name))
+def test_shipped_training_config_reads():
+    experiment = read_experiment(_load_config_file("qwen2_5_7b_flow_grpo.py"))
+    assert experiment.rl.group_size == 8 and experiment.optim.learning_rate == 1e-6
+    assert experiment.rl.loss.temperature == experiment.rollout.planner_temperature == 0.7
 
 
-def test_config_validation_names_the_problem(tiny_run, tmp_path):
-    config = make_config(tiny_run, tmp_path)
-    config.rollout = dict(config.rollout.to_dict(), max_turns="three")  # ConfigDict checks types on assignment
-    config.optim = dict(config.optim.to_dict(), learning_rate=True)
-    config.train = {k: v for k, v in config.train.to_dict().items() if k != "export_hf"}
-    with pytest.raises(ValueError) as info:
-        train_lib.validate_config(config)
-    message = str(info.value)
-    assert "config.rollout.max_turns = 'three' should be of type" in message
-    assert "config.optim.learning_rate = True" in message
-    assert "config.train lacks key 'export_hf'" in message
+def test_config_errors_name_the_file_section_and_key(tiny_run, tmp_path):
+    def error(change):
+        config = make_config(tiny_run, tmp_path)
+        change(config)
+        with pytest.raises(ConfigError) as info:
+            read_experiment(config, source="my_config.py")
+        return str(info.value)
 
+    def set_item(section, key, value):
+        def change(config):
+            config[section] = dict(config[section].to_dict(), **{key: value})
+        return change
 
-def test_zero_counts_are_rejected_before_compute(tiny_run, tmp_path):
-    config = make_config(tiny_run, tmp_path)
-    config.eval.num_queries = 0
-    config.data.batch_size = 0
-    with pytest.raises(ValueError) as info:
-        train_lib.validate_config(config)
-    assert "config.eval.num_queries = 0 must be >= 1" in str(info.value)
-    assert "config.data.batch_size = 0 must be >= 1" in str(info.value)
+    assert error(set_item("rollout", "max_turns", "three")) == \
+        "my_config.py: config.rollout.max_turns = 'three': expected int"
+    assert error(set_item("optim", "learning_rate", True)) == \
+        "my_config.py: config.optim.learning_rate = True: expected float"
+    assert error(set_item("eval", "num_queries", 0)) == "my_config.py: config.eval.num_queries = 0: must be >= 1"
+    assert error(set_item("data", "batch_size", -2)) == "my_config.py: config.data.batch_size = -2: must be >= 1"
+    assert error(set_item("rl", "estimator", "ppo")).startswith(
+        "my_config.py: config.rl.estimator = 'ppo': must be one of ['grpo'")
+    assert "did you mean 'group_size'" in error(set_item("rl", "group_sise", 4))
+    assert error(lambda c: c.rl.loss.update(aggregation="per-token-vibes")).startswith(
+        "my_config.py: config.rl.loss.aggregation = 'per-token-vibes': must be one of")
+    assert error(lambda c: c.rl.loss.update(temperature=0.5)) == \
+        "my_config.py: config.rl.loss.temperature is set from config.rollout.planner_temperature; remove it"
+    assert error(lambda c: c.__delattr__("train")).startswith("my_config.py: config lacks section 'train'")
+    assert error(lambda c: c.data.__delattr__("train_path")) == "my_config.py: config.data lacks key 'train_path'"
+    assert error(lambda c: c.__setattr__("wandb", {"project": "x"})).startswith(
+        "my_config.py: config has unknown key 'wandb'")

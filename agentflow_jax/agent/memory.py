@@ -1,8 +1,7 @@
 """The agent's memory: an immutable, append-only record of the turns taken for one query.
 
-`Memory` is a frozen dataclass registered as a JAX pytree whose fields are all static (it holds
-text, no arrays), so it can be threaded through `jax.tree_util` utilities and jitted functions as
-auxiliary data. Every update returns a new `Memory`; the original is never changed.
+`Memory` is a frozen dataclass of text (no arrays): every update returns a new `Memory`; the
+original is never changed.
 
 `Memory.render(budget_chars)` writes the turns as clean text for prompts::
 
@@ -21,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Any, Mapping
-
-import jax
 
 from agentflow_jax.tools.base import ToolCall
 
@@ -149,8 +146,6 @@ class Memory:
         """Inverse of `to_json`."""
         return cls.from_dict(json.loads(text))
 
-
-jax.tree_util.register_dataclass(Memory, data_fields=[], meta_fields=["query", "query_analysis", "turns"])
 
 
 def _step_text(index: int, turn: Turn) -> _StepText:

@@ -25,13 +25,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import jax
 
+from agentflow_jax.rl.rewards import GOLD_SEPARATOR
+
 _log = logging.getLogger(__name__)
 
 QueryRecord = dict[str, Any]
 # Source spellings that are normalised into "query" and "pid" (not kept as extra fields).
 _ALIASES = ("question", "id")
 
-ANSWER_SEPARATOR = "; "
 # Records live in memory: reading them in threads would only add GIL contention.
 _IN_MEMORY_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
@@ -71,13 +72,13 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def normalize_answer(answer: Any) -> str:
+def join_gold_answers(answer: Any) -> str:
     """The gold answer as one string: lists are joined with "; ", empty parts dropped."""
     if answer is None:
         return ""
     if isinstance(answer, (list, tuple)):
-        parts = (normalize_answer(part) for part in answer)
-        return ANSWER_SEPARATOR.join(part for part in parts if part)
+        parts = (join_gold_answers(part) for part in answer)
+        return GOLD_SEPARATOR.join(part for part in parts if part)
     return str(answer).strip()
 
 
@@ -111,7 +112,7 @@ def load_queries(source: str | os.PathLike | Iterable[Mapping[str, Any]], *,
     records: list[QueryRecord] = []
     without_answer = without_query = 0
     for row_index, row in enumerate(rows):
-        answer = normalize_answer(row.get("answer"))
+        answer = join_gold_answers(row.get("answer"))
         query = _query_text(row)
         if not answer:
             without_answer += 1

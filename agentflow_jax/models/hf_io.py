@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from agentflow_jax import sharding
+from agentflow_jax.errors import UserError
 from agentflow_jax.models import qwen2
 from agentflow_jax.models.config import Qwen2Config, from_hf_config, to_hf_config
 
@@ -41,7 +42,7 @@ _ST_DTYPES: dict[str, np.dtype] = {
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class ModelFilesError(ValueError):
+class ModelFilesError(UserError, ValueError):
     """A checkpoint directory or file is missing, corrupt or does not fit the model."""
 
 

@@ -26,8 +26,6 @@ from typing import Callable
 
 import numpy as np
 
-from agentflow_jax.rl.batch import TrainBatch
-
 GroupEstimator = Callable[[np.ndarray], np.ndarray]
 """Values of one group [n] float64 -> advantages [n] float64."""
 
@@ -105,17 +103,6 @@ def compute_advantages(rewards: np.ndarray, query_ids: np.ndarray, trajectory_id
             member_penalty = np.bincount(member_of_row, weights=penalties[rows], minlength=len(members))
             advantages[rows] = group_estimator(member_reward - member_penalty)[member_of_row]
     return advantages.astype(np.float32)
-
-
-def batch_advantages(batch: TrainBatch, *, estimator: str = "grpo", grouping: str = "trajectory",
-                     kl_penalties: np.ndarray | None = None) -> np.ndarray:
-    """`compute_advantages` over the real rows of a packed batch; [B] float32, 0 on padding rows."""
-    real = batch.row_is_real
-    advantages = np.zeros(batch.num_rows, np.float32)
-    advantages[real] = compute_advantages(
-        batch.reward[real], batch.query_id[real], batch.trajectory_id[real], estimator=estimator, grouping=grouping,
-        kl_penalties=None if kl_penalties is None else np.asarray(kl_penalties)[real])
-    return advantages
 
 
 def _lookup_estimator(name: str) -> GroupEstimator:

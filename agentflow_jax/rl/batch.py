@@ -105,34 +105,62 @@ def pack_turns(records: Sequence[TurnRecord], *, pad_id: int, length_bucket: int
 
     length = _round_up(max(len(r.prompt_ids) + len(r.response_ids) for r in records), length_bucket)
     rows = _round_up(len(records), row_bucket)
-    input_ids = np.full((rows, length), pad_id, np.int32)
-    attention_mask = np.zeros((rows, length), np.int32)
-    loss_mask = np.zeros((rows, length), np.float32)
+    packed = pack_sequences([r.prompt_ids for r in records], [r.response_ids for r in records], pad_id=pad_id,
+                            length=length, rows=rows)
     sampler_logprobs = np.zeros((rows, length), np.float32)
     query_id = np.full((rows,), PADDING_ROW_ID, np.int64)
     trajectory_id = np.full((rows,), PADDING_ROW_ID, np.int64)
     turns_in_trajectory = np.zeros((rows,), np.int32)
     reward = np.zeros((rows,), np.float32)
-
     for row, record in enumerate(records):
-        prompt_len, response_len = len(record.prompt_ids), len(record.response_ids)
-        total = prompt_len + response_len
-        input_ids[row, :total] = [*record.prompt_ids, *record.response_ids]
-        attention_mask[row, :total] = 1
-        first = prompt_len - 1  # the position whose target is the first response token
-        loss_mask[row, first:first + response_len] = 1.0
-        sampler_logprobs[row, first:first + response_len] = record.sampler_logprobs
+        first = len(record.prompt_ids) - 1  # the position whose target is the first response token
+        sampler_logprobs[row, first:first + len(record.response_ids)] = record.sampler_logprobs
         query_id[row] = record.query_id
         trajectory_id[row] = record.trajectory_id
         turns_in_trajectory[row] = turns[record.trajectory_id]
         reward[row] = record.reward
+    return TrainBatch(input_ids=packed.input_ids, attention_mask=packed.attention_mask, targets=packed.targets,
+                      loss_mask=packed.loss_mask, sampler_logprobs=sampler_logprobs, query_id=query_id,
+                      trajectory_id=trajectory_id, turns_in_trajectory=turns_in_trajectory, reward=reward,
+                      row_is_real=np.arange(rows) < len(records))
 
+
+@dataclasses.dataclass(frozen=True)
+class PackedSequences:
+    """[B, T] arrays of prompt + response rows: ids (right-padded), attention mask (int32, 1 on
+    tokens), next-token targets, and the loss mask (float32, 1 exactly where the target is a
+    response token)."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    targets: np.ndarray
+    loss_mask: np.ndarray
+
+
+def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *, pad_id: int,
+                   length: int, rows: int) -> PackedSequences:
+    """`rows` rows of `length` positions: row i holds prompts[i] + responses[i]; rows past the
+    sequences are all padding. Position p predicts token p + 1; the loss mask covers the positions
+    predicting response tokens (see module docstring). Used by RL rows and supervised examples alike.
+
+    Raises:
+      ValueError: more sequences than rows, or a sequence longer than `length`.
+    """
+    if len(prompts) != len(responses) or len(prompts) > rows:
+        raise ValueError(f"{len(prompts)} prompts and {len(responses)} responses do not fit {rows} rows")
+    input_ids = np.full((rows, length), pad_id, np.int32)
+    attention_mask = np.zeros((rows, length), np.int32)
+    loss_mask = np.zeros((rows, length), np.float32)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        total = len(prompt) + len(response)
+        if total > length:
+            raise ValueError(f"sequence {row} has {total} tokens, more than the row length {length}")
+        input_ids[row, :total] = [*prompt, *response]
+        attention_mask[row, :total] = 1
+        loss_mask[row, len(prompt) - 1:total - 1] = 1.0
     targets = np.full_like(input_ids, pad_id)
     targets[:, :-1] = input_ids[:, 1:]
-    return TrainBatch(input_ids=input_ids, attention_mask=attention_mask, targets=targets, loss_mask=loss_mask,
-                      sampler_logprobs=sampler_logprobs, query_id=query_id, trajectory_id=trajectory_id,
-                      turns_in_trajectory=turns_in_trajectory, reward=reward,
-                      row_is_real=np.arange(rows) < len(records))
+    return PackedSequences(input_ids, attention_mask, targets, loss_mask)
 
 
 def split_microbatches(batch: Rows, n: int) -> list[Rows]:

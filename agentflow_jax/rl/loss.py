@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agentflow_jax.config_reader import check_fields, setting
 from agentflow_jax.rl import logprobs as logprobs_lib
 from agentflow_jax.rl.batch import TrainBatch
 
@@ -73,35 +74,22 @@ class LossConfig:
       logits_chunk_size: positions per LM-head chunk in `logprobs.token_logprobs`.
     """
 
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    dual_clip: float | None = 3.0
-    log_ratio_clamp: float = 20.0
-    kl_coef: float = 0.001
-    kl_estimator: str = "k3"
-    k3_value_clamp: float | None = 10.0
+    clip_low: float = setting(0.2, min=0.0, max=0.999)
+    clip_high: float = setting(0.3, min=0.0)
+    dual_clip: float | None = setting(3.0, above=1.0)
+    log_ratio_clamp: float = setting(20.0, above=0.0)
+    kl_coef: float = setting(0.001, min=0.0)
+    kl_estimator: str = setting("k3", choices=KL_ESTIMATORS)
+    k3_value_clamp: float | None = setting(10.0, above=0.0)
     kl_in_reward: bool = False
     entropy_coef: float = 0.0
-    aggregation: str = "token-mean"
-    norm_length: int = 2048
-    temperature: float = 1.0
-    logits_chunk_size: int = logprobs_lib.DEFAULT_CHUNK_SIZE
+    aggregation: str = setting("token-mean", choices=AGGREGATIONS)
+    norm_length: int = setting(2048, min=1)
+    temperature: float = setting(1.0, above=0.0, set_by="rollout.planner_temperature")
+    logits_chunk_size: int = setting(logprobs_lib.DEFAULT_CHUNK_SIZE, min=1)
 
     def __post_init__(self):
-        if not 0 <= self.clip_low < 1 or self.clip_high < 0:
-            raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {self.clip_low}, {self.clip_high}")
-        if self.dual_clip is not None and self.dual_clip <= 1:
-            raise ValueError(f"dual_clip must be > 1 (or None to disable), got {self.dual_clip}")
-        if self.log_ratio_clamp <= 0:
-            raise ValueError(f"log_ratio_clamp must be positive, got {self.log_ratio_clamp}")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {self.kl_coef}")
-        if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; expected one of {KL_ESTIMATORS}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"unknown aggregation {self.aggregation!r}; expected one of {AGGREGATIONS}")
-        if self.norm_length < 1 or self.temperature <= 0 or self.logits_chunk_size < 1:
-            raise ValueError("norm_length and logits_chunk_size must be >= 1 and temperature > 0")
+        check_fields(self)
 
     @property
     def kl_in_loss(self) -> bool:
@@ -167,7 +155,7 @@ def make_loss_inputs(batch: TrainBatch, advantages: np.ndarray, old_logprobs: An
 
     Args:
       batch: the packed rows.
-      advantages: [B] from `advantages.batch_advantages`.
+      advantages: [B] per row (`advantages.compute_advantages`; 0 on padding rows).
       old_logprobs, ref_logprobs: [B, T] from `logprobs.token_logprobs` (policy before the update,
         frozen reference); ref_logprobs may be None when kl_coef is 0.
     """

@@ -1,4 +1,5 @@
-"""Answer scorers: the final-outcome reward of a trajectory and the accuracy of an evaluation item.
+"""The one scorer module: the final-outcome reward of a trajectory (RL), the accuracy of an evaluation
+item, and the warm start's reports all score answers here.
 
 All scorers take the answer extracted from the generator's `<answer>` (None when absent, which
 scores 0) and the gold answer. Several gold answers may be joined with "; " (SPEC section 3);
@@ -25,7 +26,9 @@ import dataclasses
 import re
 import string
 from fractions import Fraction
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from agentflow_jax.engines import Engine, GenerationRequest
 
@@ -36,7 +39,7 @@ Choices = Sequence[str] | Mapping[str, str]
 """Option texts in letter order (A, B, ...) or a letter -> text mapping."""
 
 
-def score(answer: str | None, gold: str, kind: str, *, choices: Choices | None = None,
+def score_answer(answer: str | None, gold: str, kind: str, *, choices: Choices | None = None,
           judge: LLMJudge | None = None, question: str | None = None) -> float:
     """Scores one answer in [0, 1] with the rule `kind` (module docstring); None scores 0.
 
@@ -51,7 +54,7 @@ def score(answer: str | None, gold: str, kind: str, *, choices: Choices | None =
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown score kind {kind!r}; expected one of {SCORE_KINDS}")
     if kind == "judge" and judge is None:
-        raise ValueError('score(kind="judge") needs judge=LLMJudge(engine)')
+        raise ValueError('score_answer(kind="judge") needs judge=LLMJudge(engine)')
     if answer is None:
         return 0.0
     if kind == "game24":
@@ -68,6 +71,32 @@ def score(answer: str | None, gold: str, kind: str, *, choices: Choices | None =
     return float(any(choice_matches(answer, g, choices) for g in golds))  # "choice"
 
 
+def score_trajectories(trajectories: Sequence[Any], queries: Sequence[Mapping[str, Any]], *,
+                       judge: LLMJudge | None = None) -> np.ndarray:
+    """[len(trajectories)] float32 rewards: each trajectory's answer scored against its query's gold answer.
+
+    `trajectories` have `.query_id` (index into `queries`) and `.answer`; a query record has "query",
+    "answer", optional "kind" (default "exact") and "choices". Rows scored by the judge are sent in
+    one batched call.
+    """
+    rewards = np.zeros(len(trajectories), np.float32)
+    judged = []
+    for index, trajectory in enumerate(trajectories):
+        query = queries[trajectory.query_id]
+        kind = query.get("kind", "exact")
+        if kind == "judge":
+            judged.append(index)
+            continue
+        rewards[index] = score_answer(trajectory.answer, query["answer"], kind, choices=query.get("choices"))
+    if judged:
+        if judge is None:
+            raise ValueError(f'{len(judged)} queries are scored by kind "judge" but no judge engine is configured')
+        items = [(trajectories[i].answer, queries[trajectories[i].query_id]["answer"],
+                  queries[trajectories[i].query_id]["query"]) for i in judged]
+        rewards[judged] = [float(v.correct) for v in judge.judge_many(items)]
+    return rewards
+
+
 def split_gold(gold: str) -> list[str]:
     """Gold answers joined with "; " -> the list of non-empty answers (the whole string if one)."""
     parts = [part.strip() for part in gold.split(GOLD_SEPARATOR)]
@@ -80,20 +109,20 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
 
 
-def normalize_answer(text: str) -> str:
+def squad_normalize(text: str) -> str:
     """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
     text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def exact_match(prediction: str, gold: str) -> bool:
-    """Equality after `normalize_answer`."""
-    return normalize_answer(prediction) == normalize_answer(gold)
+    """Equality after `squad_normalize`."""
+    return squad_normalize(prediction) == squad_normalize(gold)
 
 
 def token_f1(prediction: str, gold: str) -> float:
-    """Harmonic mean of token precision and recall after `normalize_answer` (SQuAD F1)."""
-    predicted, expected = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    """Harmonic mean of token precision and recall after `squad_normalize` (SQuAD F1)."""
+    predicted, expected = squad_normalize(prediction).split(), squad_normalize(gold).split()
     if not predicted or not expected:
         return float(predicted == expected)
     common = sum((collections.Counter(predicted) & collections.Counter(expected)).values())
@@ -198,9 +227,9 @@ def choice_letter(text: str, choices: Choices | None = None) -> str | None:
     """
     cleaned = text.replace("*", "").strip()
     if choices is not None:
-        wanted = normalize_answer(cleaned)
+        wanted = squad_normalize(cleaned)
         for letter, option in _options(choices).items():
-            if wanted and wanted in (normalize_answer(option), normalize_answer(_OPTION_PREFIX.sub("", option))):
+            if wanted and wanted in (squad_normalize(option), squad_normalize(_OPTION_PREFIX.sub("", option))):
                 return letter
     for pattern in (_WHOLE_LETTER, _STATED_LETTER, _LEADING_LETTER, _PARENTHESISED_LETTER):
         match = pattern.search(cleaned)

@@ -7,92 +7,16 @@
 Data files are JSON lines with "query", "answer" (several gold answers joined with "; ") and
 "kind" ("exact" for NQ, "math" for DeepMath / AIME). The search tool needs either a local corpus
 (`tools.settings.search.corpus_path`) or a Search-R1 `/retrieve` server (`...search.url`); the
-Google tool reads SERPER_API_KEY or GOOGLE_API_KEY + GOOGLE_CSE_ID from the environment.
-
-Values marked (ref) follow the reference implementation where the paper is silent.
+Google tool reads SERPER_API_KEY or GOOGLE_API_KEY + GOOGLE_CSE_ID from the environment. Every
+value not set here is the paper's, from base.py.
 """
 
-import ml_collections
+from agentflow_jax.config_reader import load_config_module
+
+base = load_config_module("base.py", relative_to=__file__)
 
 
-def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
-    config.seed = 0
+def get_config():
+    config = base.get_config()
     config.workdir = "runs/qwen2_5_7b_flow_grpo"
-    config.mesh = {"data": 1, "fsdp": -1, "tensor": 1}  # 8 GPUs: FSDP over all of them
-
-    config.model = ml_collections.ConfigDict()
-    config.model.path = "/models/Qwen2.5-7B-Instruct"   # local HF directory (never downloaded)
-    config.model.tokenizer = "qwen2.5"                  # offline Qwen2.5 BPE (or the model directory)
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "float32"                # float32 master weights, bf16 compute
-    config.model.remat = True                           # gradient checkpointing
-    config.model.max_cache_length = 18_432 + 2_048      # max prompt + max response per call
-
-    config.data = ml_collections.ConfigDict()
-    config.data.train_path = "/data/nq_deepmath_train.jsonl"   # NQ (79,168) + DeepMath-103K, shuffled
-    config.data.eval_path = "/data/aime24.jsonl"               # AIME 2024 (30 problems)
-    config.data.batch_size = 32                                # queries per step
-
-    config.tools = ml_collections.ConfigDict()
-    config.tools.names = ("generalist", "python", "google", "wikipedia", "web_rag")
-    config.tools.settings = ml_collections.ConfigDict()
-    config.tools.settings.call_timeout_s = 120.0
-    config.tools.settings.python = {"wall_timeout_s": 60.0, "max_new_tokens": 2048}
-    config.tools.settings.generalist = {"max_new_tokens": 2048}
-
-    config.rollout = ml_collections.ConfigDict()
-    config.rollout.max_turns = 3
-    config.rollout.max_time_s = 500.0
-    config.rollout.planner_temperature = 0.7
-    config.rollout.planner_top_p = 0.99
-    config.rollout.planner_max_new_tokens = 2048
-    config.rollout.frozen_max_new_tokens = 2048
-    config.rollout.memory_budget_chars = 12_000
-    config.rollout.compact_tools = False
-
-    config.rl = ml_collections.ConfigDict()
-    config.rl.group_size = 8
-    config.rl.estimator = "grpo"
-    config.rl.grouping = "trajectory"     # the paper; "turn" reproduces the reference code
-    config.rl.ppo_epochs = 1
-    config.rl.num_minibatches = 4         # ~64 trajectories per update (ref: mini-batch of 64 rows)
-    config.rl.micro_batch_rows = 4
-    config.rl.length_bucket = 1024
-    config.rl.loss = ml_collections.ConfigDict()
-    config.rl.loss.clip_low = 0.2
-    config.rl.loss.clip_high = 0.3         # (ref) asymmetric clip
-    config.rl.loss.dual_clip = 3.0         # (ref)
-    config.rl.loss.log_ratio_clamp = 20.0  # (ref)
-    config.rl.loss.kl_coef = 0.001
-    config.rl.loss.kl_estimator = "k3"     # (ref) low-variance KL
-    config.rl.loss.kl_in_reward = False
-    config.rl.loss.entropy_coef = 0.0
-    config.rl.loss.aggregation = "token-mean"   # (ref); "flow" is the paper's formula
-    config.rl.loss.logits_chunk_size = 512
-
-    config.optim = ml_collections.ConfigDict()
-    config.optim.learning_rate = 1e-6
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.weight_decay = 0.01
-    config.optim.grad_clip = 1.0
-    config.optim.warmup_steps = 0
-
-    config.train = ml_collections.ConfigDict()
-    config.train.steps = 100
-    config.train.save_every = 2
-    config.train.keep_checkpoints = 3
-    config.train.log_trajectories = 4
-    config.train.progress_bar = True
-    config.train.export_hf = True
-
-    config.eval = ml_collections.ConfigDict()
-    config.eval.every = 2
-    config.eval.at_start = True
-    config.eval.num_queries = 30
-    config.eval.batch_size = 30
-    config.eval.planner_temperature = 0.0
-    config.eval.max_turns = 3
-    config.eval.max_time_s = 500.0
     return config

@@ -1,7 +1,7 @@
 """The CPU toy world: fictional cities, a BM25 corpus about them, and tool-use questions.
 
 A world is generated from a seed and is fully deterministic. It is the stage on which Flow-GRPO
-must visibly improve a tiny planner (see /TOY_WORLD.md of the project docs):
+must visibly improve a tiny planner (the project's TOY_WORLD.md):
 
 * **Entities**: a few hundred cities with pronounceable generated names (some near-duplicates of
   each other, e.g. "Velmora" / "Velmara", as distractors), each with a founding year, a population,
@@ -20,11 +20,11 @@ must visibly improve a tiny planner (see /TOY_WORLD.md of the project docs):
 
   Oracle sub-goals refer to the query ("the first city in the query", "the expression in the
   query") rather than copying names and numbers: a tiny model trained for minutes cannot learn to
-  copy reliably, and the planner never needs to (see demonstrations.IdealFrozenModel).
+  copy reliably, and the planner never needs to (see `toy.frozen.IdealFrozenModel`).
 
   Every kind has several phrasings (templates); half of them are *tempting*: the warm-start
   planner's demonstrations pick the generalist tool for them most of the time (see
-  `demonstrations.py`), so the warm-started planner is mediocre under greedy decoding too.
+  `toy.demonstrations`), so the warm-started planner is mediocre under greedy decoding too.
 * **Splits**: no held-out question text occurs in training (new city / attribute / phrasing
   combinations, new pairs, fresh arithmetic operands); with `heldout_entity_fraction > 0` the
   held-out questions are moreover about cities no training question mentions.
@@ -41,7 +41,7 @@ import os
 import random
 from typing import Any, Iterable, Mapping, Sequence
 
-from agentflow_jax.config_sections import dataclass_from_section
+from agentflow_jax.config_reader import read_mapping
 
 # Tool names as the toolbox shows them (tools/search.py, tools/python_coder.py, tools/generator.py).
 SEARCH_TOOL = "Local_Search_Tool"
@@ -98,8 +98,8 @@ class WorldConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "WorldConfig":
-        """From a dict or ConfigDict section; unknown keys are an error naming the valid ones."""
-        return dataclass_from_section(cls, values, "world")
+        """From a dict or ConfigDict section, checked by `config_reader` (unknown keys, types)."""
+        return read_mapping(dict(values), cls, path="toy.world")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,7 +501,7 @@ class World:
         missing = [n for n in WORLD_FILES if not os.path.isfile(os.path.join(directory, n))]
         if missing:
             raise FileNotFoundError(f"{directory} is not a toy world directory: missing {missing} "
-                                    "(write one with `python -m agentflow_jax.sft` or World.save)")
+                                    "(build one with `python -m agentflow_jax.toy --config=...` or World.save)")
         with open(os.path.join(directory, "world_config.json"), encoding="utf-8") as f:
             config = WorldConfig.from_mapping(json.load(f))
         read = lambda name: _read_jsonl(os.path.join(directory, name))  # noqa: E731
@@ -544,17 +544,25 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Scoring
+# Questions as training / evaluation records
 # ----------------------------------------------------------------------------------------------
 
 
-def normalize_answer(answer: str | None) -> str:
-    """Exact-match normalisation: strip spaces, a trailing period and thousands separators."""
-    if answer is None:
-        return ""
-    return answer.strip().rstrip(".").replace(",", "").strip()
+def query_records(questions: Sequence[Question]) -> list[dict[str, Any]]:
+    """Questions in the query-record format of training and evaluation (`data.pipeline`): exact-match
+    scoring; "qtype" and "tools" (the oracle's tool sequence) give per-kind metrics."""
+    return [{"pid": q.id, "query": q.text, "answer": q.answer, "kind": "exact", "qtype": q.kind,
+             "tools": [s.tool_name for s in q.plan], "subtype": q.subtype, "tempting": q.tempting}
+            for q in questions]
 
 
-def exact_match(answer: str | None, gold: str) -> bool:
-    """Whether the extracted <answer> equals the gold answer (after `normalize_answer`)."""
-    return normalize_answer(answer) == normalize_answer(gold)
+def spread_sample(questions: Sequence[Question], count: int) -> list[Question]:
+    """Up to `count` questions taken in turn from each kind (deterministic; every kind gets its share)."""
+    by_kind = {k: [q for q in questions if q.kind == k] for k in KINDS}
+    chosen, index = [], 0
+    while len(chosen) < min(count, len(questions)):
+        for kind in KINDS:
+            if index < len(by_kind[kind]) and len(chosen) < count:
+                chosen.append(by_kind[kind][index])
+        index += 1
+    return chosen

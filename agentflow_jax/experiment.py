@@ -1,0 +1,223 @@
+"""The config of a training run: one frozen dataclass per section, read and checked by
+`read_experiment` before any compute (see `config_reader` for the rules and the error format).
+
+Sections (experiments/configs/base.py holds the shared defaults):
+
+  seed, workdir      the run's seed; the directory every file the run writes goes under
+  mesh               device mesh axis sizes, e.g. {"fsdp": -1} ({}: one device, no mesh)
+  model              the planner: a local HF directory, its tokenizer, dtypes, remat, cache slots
+  engines            the frozen modules' engine and the judge's, as engine specs
+  data               training and evaluation query files, queries per step
+  tools              tool short names and their settings (`tools.build_toolbox`)
+  rollout            loop limits and the planner's sampling (`agent.rollout.RolloutConfig`)
+  rl                 Flow-GRPO (`rl.trainer.TrainerConfig`, its `loss`: `rl.loss.LossConfig`)
+  optim              the optimizer (`optim.OptimConfig`)
+  train              steps, checkpoints, logging, HF export
+  eval               periodic held-out evaluation
+
+Extra top-level sections (e.g. the toy world's) are allowed only when named in `extra_sections`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Mapping
+
+from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams
+from agentflow_jax.config_reader import ConfigError, check_fields, check_keys, read_section, setting
+from agentflow_jax.engines import Engine
+from agentflow_jax.optim import OptimConfig
+from agentflow_jax.rl.trainer import TrainerConfig
+from agentflow_jax.tools import build_toolbox
+from agentflow_jax.tools.base import Toolbox
+
+REFERENCE_ENGINE = "reference"
+"""`engines.frozen` value meaning: the planner's own frozen initial weights, through its sampler."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The planner. `path`: a local HF-format Qwen2 directory (never downloaded). `tokenizer`: "" for
+    the model directory's own, "qwen2.5" for the offline Qwen2.5 BPE, a directory, or a SentencePiece
+    `.model` file. `param_dtype` "" = `dtype`."""
+
+    path: str
+    tokenizer: str = ""
+    dtype: str = setting("float32", choices=("float32", "bfloat16"))
+    param_dtype: str = setting("", choices=("", "float32", "bfloat16"))
+    remat: bool = False
+    max_cache_length: int = setting(4096, min=2)
+
+    def __post_init__(self):
+        check_fields(self)
+
+    @property
+    def tokenizer_spec(self) -> str:
+        return self.tokenizer or self.path
+
+    @property
+    def storage_dtype(self) -> str:
+        return self.param_dtype or self.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginesSection:
+    """Who serves the frozen modules (query analysis, executor, verifier, generator, the tools' LLM)
+    and the reward judge: "reference" (the planner's initial weights in-process) or an engine spec
+    ("openai:URL,MODEL", "jax:DIR", "toy:ideal,WORLD_DIR", ...). `judge`: "" when no query is
+    scored by kind "judge"."""
+
+    frozen: str = REFERENCE_ENGINE
+    judge: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    """JSON-lines query files (see `data.pipeline`) and queries per training step."""
+
+    train_path: str
+    eval_path: str
+    batch_size: int = setting(32, min=1)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolsSection:
+    """Tool short names in toolbox order and their settings (validated by `tools.build_toolbox`)."""
+
+    names: tuple[str, ...]
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def build(self, engine: Engine | None) -> Toolbox:
+        """The toolbox, its LLM tools calling `engine` (the frozen model)."""
+        return build_toolbox(self.names, engine=engine, config=self.settings)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+    """Training rollouts: loop limits, the planner's sampling, the frozen modules' token budget and
+    the prompt shape (memory budget, compact tool list)."""
+
+    max_turns: int = setting(3, min=1)
+    max_time_s: float = setting(500.0, above=0.0)
+    planner_temperature: float = setting(0.7, min=0.0)
+    planner_top_p: float = setting(0.99, above=0.0, max=1.0)
+    planner_max_new_tokens: int = setting(2048, min=1)
+    frozen_max_new_tokens: int = setting(2048, min=1)
+    memory_budget_chars: int = setting(12_000, min=1)
+    compact_tools: bool = False
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    """Steps, checkpoints (every `save_every` steps, the newest `keep_checkpoints` and the best by
+    held-out accuracy kept), trajectories logged per step, progress bar, HF export at the end."""
+
+    steps: int = setting(100, min=1)
+    save_every: int = setting(2, min=1)
+    keep_checkpoints: int = setting(3, min=1)
+    log_trajectories: int = setting(4, min=0)
+    progress_bar: bool = True
+    export_hf: bool = True
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """Held-out evaluation every `every` steps (and before training when `at_start`) on an evenly
+    spread subset of `num_queries` evaluation queries, `batch_size` at a time, with the
+    evaluation loop limits and planner temperature (0: greedy)."""
+
+    every: int = setting(2, min=1)
+    at_start: bool = True
+    num_queries: int = setting(30, min=1)
+    batch_size: int = setting(30, min=1)
+    planner_temperature: float = setting(0.0, min=0.0)
+    max_turns: int = setting(10, min=1)
+    max_time_s: float = setting(300.0, above=0.0)
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A checked training-run config (module docstring)."""
+
+    seed: int
+    workdir: str
+    mesh: Mapping[str, int]
+    model: ModelSection
+    engines: EnginesSection
+    data: DataSection
+    tools: ToolsSection
+    rollout: RolloutSection
+    rl: TrainerConfig
+    optim: OptimConfig
+    train: TrainSection
+    eval: EvalSection
+    source: str | None = None
+
+    def path(self, *parts: str) -> str:
+        """A path under the run's workdir (every file a run writes goes there)."""
+        return os.path.join(self.workdir, *parts)
+
+    def rollout_config(self, *, evaluation: bool = False) -> RolloutConfig:
+        """Loop limits and per-module sampling (greedy frozen modules; the planner as configured, or
+        at the evaluation temperature and limits)."""
+        r, e = self.rollout, self.eval
+        frozen = SamplingParams(max_new_tokens=r.frozen_max_new_tokens)
+        temperature = e.planner_temperature if evaluation else r.planner_temperature
+        planner = SamplingParams(max_new_tokens=r.planner_max_new_tokens, temperature=temperature,
+                                 top_p=r.planner_top_p if temperature > 0 else 1.0)
+        return RolloutConfig(max_turns=e.max_turns if evaluation else r.max_turns,
+                             max_time_s=e.max_time_s if evaluation else r.max_time_s,
+                             planner=planner, analysis=frozen, executor=frozen, verifier=frozen, generator=frozen,
+                             memory_budget_chars=r.memory_budget_chars, compact_tools=r.compact_tools)
+
+
+TOP_LEVEL = ("seed", "workdir", "mesh", "model", "engines", "data", "tools", "rollout", "rl", "optim", "train",
+             "eval")
+
+
+def read_experiment(config: Any, *, source: str | None = None, extra_sections: Iterable[str] = ()) -> Experiment:
+    """Checks every section of a training config and returns them typed (raises ConfigError)."""
+    where = f"{source}: " if source else ""
+    if "toy" in config and "toy" not in extra_sections:
+        raise ConfigError(f"{where}config.toy describes the CPU toy world, which builds its planner first: run "
+                          f"python -m agentflow_jax.toy --config={source or '<this file>'}")
+    check_keys("", _top_level(config), set(TOP_LEVEL) | set(extra_sections), source=source)
+    for key, kind in (("seed", int), ("workdir", str)):
+        if key not in config:
+            raise ConfigError(f"{where}config lacks top-level key {key!r}")
+        if not isinstance(config[key], kind) or isinstance(config[key], bool):
+            raise ConfigError(f"{where}config.{key} = {config[key]!r}: expected {kind.__name__}")
+    mesh = dict(config.get("mesh") or {})
+    if any(not isinstance(size, int) or isinstance(size, bool) for size in mesh.values()):
+        raise ConfigError(f"{where}config.mesh = {mesh!r}: expected axis sizes as ints, e.g. {{'fsdp': -1}}")
+    rollout = read_section(config, "rollout", RolloutSection, source=source)
+    rl = read_section(config, "rl", TrainerConfig, source=source)
+    rl = dataclasses.replace(rl, loss=dataclasses.replace(rl.loss, temperature=rollout.planner_temperature or 1.0))
+    return Experiment(
+        seed=config["seed"], workdir=config["workdir"], mesh=mesh,
+        model=read_section(config, "model", ModelSection, source=source),
+        engines=read_section(config, "engines", EnginesSection, source=source, required=False),
+        data=read_section(config, "data", DataSection, source=source),
+        tools=read_section(config, "tools", ToolsSection, source=source),
+        rollout=rollout, rl=rl,
+        optim=read_section(config, "optim", OptimConfig, source=source),
+        train=read_section(config, "train", TrainSection, source=source),
+        eval=read_section(config, "eval", EvalSection, source=source),
+        source=source)
+
+
+def _top_level(config: Any) -> Mapping[str, Any]:
+    return {key: None for key in (config.keys() if hasattr(config, "keys") else config)}
