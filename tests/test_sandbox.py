@@ -419,6 +419,47 @@ def test_run_cgroups_are_removed_after_each_run():
         assert not [d for d in os.listdir(parent) if d.startswith(prefix)]
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_run_cgroup_layout_and_limits_on_either_cgroup_version(version, tmp_path, monkeypatch):
+    """Discovery and limit files against a fake cgroup tree (this host has only one of the versions)."""
+    if version == 1:
+        mounts = [(str(tmp_path / c), "cgroup", {"rw", c}, "/") for c in ("memory", "pids")]
+        own = {"memory": "/job", "pids": "/"}
+        for d in ("memory/job", "pids"):
+            (tmp_path / d).mkdir(parents=True)
+    else:
+        mounts = [(str(tmp_path), "cgroup2", {"rw"}, "/")]
+        own = {"": "/job"}
+        (tmp_path / "job").mkdir()
+        (tmp_path / "job" / "cgroup.controllers").write_text("cpu io memory pids\n")
+        (tmp_path / "job" / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(sandbox_cgroups, "_mounts", lambda: mounts)
+    monkeypatch.setattr(sandbox_cgroups, "_own_paths", lambda: own)
+    monkeypatch.setattr(sandbox_cgroups, "_layout", None)
+    assert sandbox_cgroups.availability() is None
+    group = sandbox_cgroups.RunCgroup.create("t", 123 << 20, 7)
+    memory_file = "memory.limit_in_bytes" if version == 1 else "memory.max"
+    assert open(os.path.join(group.memory_dir, memory_file)).read() == str(123 << 20)
+    assert open(os.path.join(group.pids_dir, "pids.max")).read() == "9"  # + the bootstrap and init
+    if version == 1:
+        assert group.memory_dir.startswith(str(tmp_path / "memory" / "job")) and group.oom_control
+        assert group.pids_dir.startswith(str(tmp_path / "pids" / "agentflow_sandbox_"))
+    else:
+        assert group.memory_dir == group.pids_dir and group.oom_control is None
+        assert (tmp_path / "job" / "cgroup.subtree_control").read_text() == "+memory +pids"
+    assert group.members() == [] and group.limits_hit() == {}
+
+
+def test_cgroup_v2_without_the_controllers_says_what_to_enable(tmp_path, monkeypatch):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "cgroup.controllers").write_text("cpu io\n")
+    monkeypatch.setattr(sandbox_cgroups, "_mounts", lambda: [(str(tmp_path), "cgroup2", {"rw"}, "/")])
+    monkeypatch.setattr(sandbox_cgroups, "_own_paths", lambda: {"": "/job"})
+    monkeypatch.setattr(sandbox_cgroups, "_layout", None)
+    reason = sandbox_cgroups.availability()
+    assert "lacks the ['memory', 'pids'] controller(s); enable them" in reason
+
+
 def test_output_is_truncated_with_a_marker():
     result = run_python("print('x' * 50000)\nimport sys\nprint('y' * 50000, file=sys.stderr)",
                         **{**QUICK, "max_output_chars": 1000})

@@ -35,9 +35,10 @@ runs with the layers this host allows and lists the missing ones, with what each
 `isolation_notes`, "none" does the same without warnings. `isolation_report()` probes the host
 once per process and returns the JSON-able report to log and keep in a run's metadata.
 
-Process tree: caller -> bootstrap (caller's uid, new session; enters the namespaces, subreaper,
-enforces the wall limit, sweeps) -> init (PID 1; cgroup, mounts, reaps) -> the code (sandbox uid,
-limits, seccomp, exec python). A status pipe carries layers, exit status and errors back.
+Process tree: caller -> bootstrap (caller's uid, new session, moved into the run's cgroup by the
+caller while its interpreter starts; enters the namespaces, subreaper, enforces the wall limit,
+sweeps) -> init (PID 1; mounts, reaps) -> the code (sandbox uid, limits, seccomp, exec python).
+The spec goes in through a pipe; a status pipe carries layers, exit status and errors back.
 """
 
 from __future__ import annotations
@@ -374,7 +375,7 @@ class _Run:
             self.missing["seccomp"] = str(e)
         cgroup_spec = None
         if cgroup is not None:
-            cgroup_spec = {"procs": cgroup.procs_files, "oom_control": cgroup.oom_control,
+            cgroup_spec = {"oom_control": cgroup.oom_control,
                            "event_control": os.path.join(cgroup.memory_dir, "cgroup.event_control")}
         return {
             "code": self.code,
@@ -390,7 +391,8 @@ class _Run:
             "rlimits": {
                 "RLIMIT_AS": limits.memory_bytes,
                 "RLIMIT_CPU": self.cpu_limit_s,
-                "RLIMIT_NPROC": limits.max_processes,
+                # With a cgroup, pids.max binds first (and counts refusals); this is the backstop.
+                "RLIMIT_NPROC": limits.max_processes + (1 if cgroup is not None else 0),
                 "RLIMIT_FSIZE": limits.max_file_bytes,
                 "RLIMIT_NOFILE": limits.max_open_files,
                 "RLIMIT_CORE": 0,
@@ -403,23 +405,32 @@ class _Run:
         }
 
     def _spawn_and_collect(self, spec: dict[str, Any], cgroup: sandbox_cgroups.RunCgroup | None) -> SandboxResult:
-        spec_fd = os.memfd_create("agentflow_sandbox_spec", os.MFD_CLOEXEC)
+        spec_r, spec_w = os.pipe2(os.O_CLOEXEC)
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         spec["status_fd"] = status_w
         try:
-            os.write(spec_fd, json.dumps(spec).encode())
-            os.lseek(spec_fd, 0, os.SEEK_SET)
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", _BOOT_SCRIPT, str(spec_fd)],
+                [sys.executable, "-I", "-S", _BOOT_SCRIPT, str(spec_r)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env={"PATH": _SANDBOX_PATH}, cwd="/", start_new_session=True,
-                pass_fds=(spec_fd, status_w), close_fds=True)
+                pass_fds=(spec_r, status_w), close_fds=True)
         except BaseException:
             os.close(status_r)
+            os.close(spec_w)
             raise
         finally:
             os.close(status_w)
-            os.close(spec_fd)
+            os.close(spec_r)
+        # The bootstrap waits for its spec; meanwhile (its interpreter is starting) move it into the
+        # run's cgroup, so that everything it forks is born inside (a cgroup v1 move waits for an RCU
+        # grace period, which this hides).
+        if cgroup is not None and not self._move_into(cgroup, proc.pid):
+            spec["cgroup"] = None
+        try:
+            with open(spec_w, "wb", closefd=True) as f:
+                f.write(json.dumps(spec).encode())
+        except BrokenPipeError:
+            pass  # the bootstrap died before reading; the status says why
         cap = self.limits.max_output_chars
         stdout, stderr, status_buffer = _CappedBuffer(cap), _CappedBuffer(cap), _CappedBuffer(1 << 20)
         streams = {proc.stdout.fileno(): stdout, proc.stderr.fileno(): stderr, status_r: status_buffer}
@@ -439,6 +450,14 @@ class _Run:
             shutil.rmtree(workdir, ignore_errors=True)
         events = cgroup.limits_hit() if cgroup is not None else {}
         return self._result(stdout.text(), stderr.text(), status, events)
+
+    def _move_into(self, cgroup: sandbox_cgroups.RunCgroup, pid: int) -> bool:
+        try:
+            cgroup.add(pid)
+            return True
+        except OSError as e:
+            self.missing["cgroup"] = f"could not move the run into its cgroup ({e.strerror}); run as root"
+            return False
 
     def _result(self, stdout: str, stderr: str, status: dict[str, Any], events: dict[str, int]) -> SandboxResult:
         if "error" in status:

@@ -1,14 +1,16 @@
 """The sandbox bootstrap: run by `sandbox.run_python` as `python -I -S sandbox_boot.py SPEC_FD`.
 
 Standard library only; never imported by the package. It reads the run's spec (JSON: the code,
-limits, what to bind, the cgroup, the seccomp program) from the inherited file descriptor SPEC_FD
-and sets up the layers described in `sandbox` in three processes:
+limits, what to bind, the cgroup, the seccomp program) from the pipe SPEC_FD, which the caller
+fills once it has moved the bootstrap into the run's cgroup, and sets up the layers described in
+`sandbox` in three processes:
 
-1. the bootstrap (caller's uid, new session) enters new PID, network and IPC namespaces, directly
+1. the bootstrap (caller's uid, new session, already in the run's cgroup when there is one, so
+   all it forks is inside) enters new PID, network and IPC namespaces, directly
    as root with CAP_SYS_ADMIN or inside a new user namespace otherwise, becomes a child
    subreaper, then forks init and waits for it up to the wall limit, or until the run's cgroup
    reports an OOM kill (cgroup v1), and SIGKILLs it then; finally it sweeps leftovers;
-2. init (PID 1 of the namespace) joins the run's cgroup, enters a mount namespace, builds the
+2. init (PID 1 of the namespace) enters a mount namespace, builds the
    filesystem (an empty tmpfs root with read-only binds, a fresh /proc, a minimal /dev, the work
    directory), pivots into it, writes main.py, forks the code's process and reaps until it ends;
 3. the code's process switches to the sandbox uid (or drops every capability when it stays uid 0),
@@ -38,7 +40,7 @@ _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 _MS_REMOUNT, _MS_NOATIME, _MS_NODIRATIME, _MS_BIND = 0x20, 0x400, 0x800, 0x1000
 _MS_REC, _MS_PRIVATE, _MS_RELATIME = 0x4000, 0x40000, 0x200000
 _MNT_DETACH = 2
-_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_SECCOMP = 1, 24, 22
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_SECCOMP = 1, 4, 24, 22
 _PR_SET_SECUREBITS, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 28, 36, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _SECCOMP_MODE_FILTER = 2
@@ -116,6 +118,8 @@ def _bootstrap_main(spec: dict[str, Any]) -> int:
     layers = _Layers(status)
     for layer, reason in spec["missing"].items():
         layers.miss(layer, reason)
+    if spec["cgroup"] is not None:
+        layers.add("cgroup")  # the caller moved us in before sending the spec
     if spec["use_namespaces"]:
         _enter_namespaces(layers)
     else:
@@ -288,7 +292,7 @@ def _init_main(spec: dict[str, Any], layers: _Layers) -> NoReturn:
     """PID 1 of the sandbox: cgroup, filesystem, main.py, then the code; reports how it ended."""
     status = layers.status
     try:
-        _join_cgroup(spec["cgroup"], layers)
+        _prctl(_PR_SET_DUMPABLE, 0)  # the code may share init's uid: keep it out of /proc/1/fd and mem
         if spec["use_namespaces"] and "filesystem" not in layers.missing:
             try:
                 _unshare(_CLONE_NEWNS)
@@ -319,19 +323,6 @@ def _init_main(spec: dict[str, Any], layers: _Layers) -> NoReturn:
     except BaseException as e:  # noqa: BLE001 - report anything, never fall back into the bootstrap
         status.send(error=f"sandbox init failed: {type(e).__name__}: {e}")
         os._exit(1)
-
-
-def _join_cgroup(cgroup: dict[str, Any] | None, layers: _Layers) -> None:
-    if not cgroup:
-        return
-    try:
-        for path in cgroup["procs"]:
-            with open(path, "w") as f:
-                f.write("0")
-        layers.add("cgroup")
-    except OSError as e:
-        layers.miss("cgroup", f"could not join the run's cgroup ({e.strerror}); run as root or in a "
-                              "delegated cgroup")
 
 
 def _host_workdir(spec: dict[str, Any], layers: _Layers) -> str:
@@ -500,6 +491,7 @@ def _install_seccomp(spec: dict[str, Any], layers: _Layers) -> None:
 
 
 def _read_spec(fd: int) -> dict[str, Any]:
+    """The spec the caller writes into the pipe once the bootstrap is in the run's cgroup."""
     chunks = []
     while chunk := os.read(fd, 1 << 20):
         chunks.append(chunk)

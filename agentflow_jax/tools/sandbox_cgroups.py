@@ -10,8 +10,8 @@ caller's own cgroup (so the caller's limits still apply above it):
   `memory.memsw.limit_in_bytes`, so swap cannot extend it), `pids.max`. v1 has no group kill: the
   bootstrap watches `memory.oom_control` through an eventfd and kills the run at the first OOM kill.
 
-The bootstrap's init process moves itself in (`procs_files`) before it starts anything, so every
-process of the run is inside. Afterwards the caller reads what was hit (`limits_hit`), kills
+The caller moves the bootstrap in (`add`) before the bootstrap starts anything, so every process
+of the run is inside; pids.max counts two more tasks than asked for, the bootstrap and init. Afterwards the caller reads what was hit (`limits_hit`), kills
 anything left (`kill_all`) and removes the directories (`remove`).
 
 `availability()` says, once per process, whether this works here and if not why (one line, with
@@ -27,6 +27,7 @@ import threading
 import time
 
 _PREFIX = "agentflow_sandbox_"
+_OWN_TASKS = 2  # the bootstrap and init are in the run's cgroup too
 _lock = threading.Lock()
 _layout: "_Layout | str | None" = None
 
@@ -202,7 +203,7 @@ class RunCgroup:
                 memsw = os.path.join(memory_dir, "memory.memsw.limit_in_bytes")
                 if os.path.exists(memsw):
                     _write(memsw, memory_bytes)
-            _write(os.path.join(pids_dir, "pids.max"), max_processes)
+            _write(os.path.join(pids_dir, "pids.max"), max_processes + _OWN_TASKS)
         except OSError:
             group.remove()
             raise
@@ -210,8 +211,12 @@ class RunCgroup:
 
     @property
     def procs_files(self) -> list[str]:
-        """The files a process writes "0" to in order to join the run."""
         return [os.path.join(d, "cgroup.procs") for d in self.dirs]
+
+    def add(self, pid: int) -> None:
+        """Moves process `pid` (and its future children) into the run; OSError on failure."""
+        for path in self.procs_files:
+            _write(path, pid)
 
     @property
     def oom_control(self) -> str | None:
