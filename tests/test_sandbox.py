@@ -32,6 +32,12 @@ QUICK = dict(wall_timeout_s=3.0, cpu_time_s=3.0, memory_bytes=1 << 30, max_proce
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _run(code: str, **options) -> sandbox.SandboxResult:
+    """run_python with the QUICK limits and require="best_effort": runs on any host; tests of a
+    layer check it is in force first (`_needs`)."""
+    return run_python(code, **{**QUICK, "require": "best_effort", **options})
+
+
 def _needs(*layers: str) -> None:
     """Skips (saying why) when this host cannot give the layers the test is about."""
     missing = sandbox.isolation_report("best_effort")["missing"]
@@ -93,7 +99,7 @@ def _blocked(stdout: str) -> dict[str, bool]:
 # ---------------------------------------------------------------------------------------------
 
 def test_prints_output_and_exit_code():
-    result = run_python("import sys\nprint('hello', 6 * 7)\nprint('oops', file=sys.stderr)\nsys.exit(3)", **QUICK)
+    result = _run("import sys\nprint('hello', 6 * 7)\nprint('oops', file=sys.stderr)\nsys.exit(3)")
     assert result.stdout == "hello 42\n"
     assert result.stderr == "oops\n"
     assert result.exit_code == 3
@@ -102,7 +108,7 @@ def test_prints_output_and_exit_code():
 
 def test_full_isolation_is_in_force_and_reported_per_run():
     _needs(*sandbox.LAYERS)
-    result = run_python("print('ok')", **QUICK)
+    result = run_python("print('ok')", **QUICK)  # require="full", the default
     assert result.isolation == sandbox.LAYERS and result.isolation_notes == ()
 
 
@@ -117,7 +123,7 @@ def test_filesystem_starts_empty_and_the_work_directory_is_fresh():
         print(sys.prefix)
         print(sorted(os.listdir('/dev')))
     """)
-    first = run_python(code, **QUICK).stdout.splitlines()
+    first = _run(code).stdout.splitlines()
     cwd, listing, root, prefix, dev = first
     assert cwd == "/sandbox" and listing == "['a.txt', 'main.py']"
     allowed = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "dev", "proc", "tmp", "sandbox",
@@ -125,7 +131,7 @@ def test_filesystem_starts_empty_and_the_work_directory_is_fresh():
     assert set(eval(root)) <= allowed, root
     assert prefix == sys.prefix
     assert set(eval(dev)) == {"null", "zero", "full", "random", "urandom", "shm", "fd", "stdin", "stdout", "stderr"}
-    again = run_python("import os\nprint(sorted(os.listdir('.')))", **QUICK)
+    again = _run("import os\nprint(sorted(os.listdir('.')))")
     assert again.stdout == "['main.py']\n"  # nothing of the previous run is left
 
 
@@ -147,7 +153,7 @@ def test_files_planted_outside_the_work_directory_cannot_be_read(tmp_path):
     body = "".join(f"attempt({f'read{i}'!r}, lambda: print(open({p!r}).read()))\n" for i, p in enumerate(written))
     body += "attempt('list_project', lambda: print(os.listdir(%r)))\n" % REPO
     try:
-        result = run_python(_attempts(body), **QUICK)
+        result = _run(_attempts(body))
     finally:
         for path in written:
             os.remove(path)
@@ -170,7 +176,7 @@ def test_unix_sockets_of_the_host_cannot_be_reached(tmp_path):
     body = "".join(f"attempt('unix{i}', lambda: socket.socket(socket.AF_UNIX).connect({a!r}))\n"
                    for i, a in enumerate(addresses))
     try:
-        result = run_python(_attempts(body), **QUICK)
+        result = _run(_attempts(body))
         assert _blocked(result.stdout) == {f"unix{i}": True for i in range(len(addresses))}, result.stdout
         for listener in listeners:
             with pytest.raises(BlockingIOError):
@@ -190,8 +196,7 @@ def test_network_is_blocked():
     listener.setblocking(False)
     port = listener.getsockname()[1]
     try:
-        result = run_python(_attempts(f"attempt('tcp', lambda: socket.create_connection(('127.0.0.1', {port}), 1))"),
-                            **QUICK)
+        result = _run(_attempts(f"attempt('tcp', lambda: socket.create_connection(('127.0.0.1', {port}), 1))"))
         assert result.stdout.startswith("tcp blocked")
         with pytest.raises(BlockingIOError):
             listener.accept()
@@ -203,12 +208,12 @@ def test_caller_cannot_be_signalled_or_inspected(monkeypatch):
     _needs("pid", "uid")
     monkeypatch.setenv("OPENAI_API_KEY", "sekrit")
     pid, pgid = os.getpid(), os.getpgid(0)
-    result = run_python(_attempts(f"""
+    result = _run(_attempts(f"""
         print(dict(os.environ))
         attempt('kill', lambda: os.kill({pid}, 0))
         attempt('killpg', lambda: os.killpg({pgid}, 0))
         attempt('environ', lambda: print(open('/proc/{pid}/environ', 'rb').read()))
-    """), **QUICK)
+    """))
     assert "sekrit" not in result.stdout and "OPENAI_API_KEY" not in result.stdout
     blocked = _blocked(result.stdout)
     assert blocked["kill"] and blocked["killpg"] and blocked["environ"], result.stdout
@@ -222,14 +227,14 @@ def test_limits_cannot_be_raised_and_no_new_privileges():
     body += "attempt('cgroupfs', lambda: open('/sys/fs/cgroup/memory.max', 'w').write('max'))\n"
     body += "print('status', open('/proc/self/status').read().count('NoNewPrivs:\\t1'), " \
             "open('/proc/self/status').read().count('Seccomp:\\t2'))\n"
-    result = run_python(_attempts(body), **QUICK)
+    result = _run(_attempts(body))
     assert result.stdout.splitlines()[-1] == "status 1 1"
     assert all(_blocked(result.stdout).values()), result.stdout
 
 
 def test_new_namespaces_and_kernel_interfaces_are_refused():
     _needs("seccomp")
-    result = run_python(_attempts("""
+    result = _run(_attempts("""
         CLONE_NEWUSER, SIGCHLD = 0x10000000, 17
         def raw_clone():
             pid = libc.syscall(56 if os.uname().machine == 'x86_64' else 220, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0)
@@ -253,7 +258,7 @@ def test_new_namespaces_and_kernel_interfaces_are_refused():
         if child == 0:
             os._exit(5)
         print('fork', os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]))
-    """), **QUICK)
+    """))
     assert _blocked(result.stdout) == dict.fromkeys(
         ["unshare_user", "clone_user", "setns", "ptrace", "mount", "keyctl", "bpf", "perf"], True), result.stdout
     assert "threads 3\n" in result.stdout and "fork 5\n" in result.stdout  # ordinary use still works
@@ -265,7 +270,7 @@ def test_new_namespaces_and_kernel_interfaces_are_refused():
 
 def test_infinite_loop_is_killed_at_the_wall_limit():
     start = time.monotonic()
-    result = run_python("while True:\n    pass", **{**QUICK, "wall_timeout_s": 1.0, "cpu_time_s": 30})
+    result = _run("while True:\n    pass", **{"wall_timeout_s": 1.0, "cpu_time_s": 30})
     elapsed = time.monotonic() - start
     assert result.timed_out and result.exit_code is None
     assert "wall time limit" in result.killed_reason
@@ -276,19 +281,19 @@ def test_code_ignoring_sigterm_is_killed_too():
     code = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nprint('ready', flush=True)\n" \
            "while True:\n    time.sleep(0.05)"
     start = time.monotonic()
-    result = run_python(code, **{**QUICK, "wall_timeout_s": 1.0})
+    result = _run(code, **{"wall_timeout_s": 1.0})
     assert result.timed_out and result.stdout == "ready\n"
     assert time.monotonic() - start < 4.0
 
 
 def test_cpu_time_limit_stops_busy_code_before_the_wall_limit():
-    result = run_python("while True:\n    pass", **{**QUICK, "wall_timeout_s": 10.0, "cpu_time_s": 1})
+    result = _run("while True:\n    pass", **{"wall_timeout_s": 10.0, "cpu_time_s": 1})
     assert not result.timed_out
     assert "CPU time limit" in result.killed_reason
 
 
 def test_huge_allocation_fails_inside_the_sandbox():
-    result = run_python("x = bytearray(10 * 1024**3)\nprint('allocated')", **QUICK)
+    result = _run("x = bytearray(10 * 1024**3)\nprint('allocated')")
     assert "MemoryError" in result.stderr
     assert result.exit_code == 1 and "allocated" not in result.stdout
 
@@ -308,7 +313,7 @@ def test_processes_that_together_exceed_the_memory_limit_are_stopped():
         print('all four held 400 MiB')
     """)
     start = time.monotonic()
-    result = run_python(code, **{**QUICK, "wall_timeout_s": 20.0, "memory_bytes": 256 << 20})
+    result = _run(code, **{"wall_timeout_s": 20.0, "memory_bytes": 256 << 20})
     assert "all four" not in result.stdout and result.stdout.count("holds") < 3
     assert not result.timed_out and result.exit_code is None
     assert "memory limit of the run (256 MiB" in result.killed_reason
@@ -329,7 +334,7 @@ def test_files_beyond_the_disk_limit_are_stopped():
         import shutil; [__import__('os').remove(f'big{i}') for i in range(3)]
         print(fill(lambda i: open(f'/tmp/empty{i}', 'w').close(), 5000))
     """)
-    result = run_python(code, **{**QUICK, "disk_bytes": 8 << 20, "max_files": 200})
+    result = _run(code, **{"disk_bytes": 8 << 20, "max_files": 200})
     big, empty = result.stdout.splitlines()
     assert big.startswith("stopped at") and int(big.split()[2][:-1]) <= 8 and "No space left" in big
     assert empty.startswith("stopped at") and int(empty.split()[2][:-1]) < 200
@@ -337,8 +342,8 @@ def test_files_beyond_the_disk_limit_are_stopped():
 
 def test_fork_bomb_is_contained():
     start = time.monotonic()
-    result = run_python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
-                        **{**QUICK, "wall_timeout_s": 1.5})
+    result = _run("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+                        **{"wall_timeout_s": 1.5})
     assert result.timed_out
     assert time.monotonic() - start < 6.0
     if "cgroup" in result.isolation:
@@ -374,7 +379,7 @@ _DAEMON = textwrap.dedent("""
 def test_double_forked_daemon_does_not_survive(options):
     token = f"agentflow-daemon-{uuid.uuid4().hex}"
     marker = f"/tmp/{token}.marker"
-    result = run_python(_DAEMON.format(token=token, marker=marker), **{**QUICK, "wall_timeout_s": 12.0},
+    result = _run(_DAEMON.format(token=token, marker=marker), **{"wall_timeout_s": 12.0},
                         **options)
     assert result.stdout == "daemon ready\n", result
     assert _processes_named(token) == []
@@ -405,14 +410,14 @@ def test_thread_and_process_pools_are_gone_when_the_call_returns():
             print("pools running", flush=True)
             os._exit(0)   # no clean-up: the pools are left running
     """)
-    result = run_python(code, **{**QUICK, "wall_timeout_s": 12.0})
+    result = _run(code, **{"wall_timeout_s": 12.0})
     assert result.stdout == "pools running\n", result
     assert _processes_named(token) == []
 
 
 def test_run_cgroups_are_removed_after_each_run():
     _needs("cgroup")
-    run_python("print(1)", **QUICK)
+    _run("print(1)")
     layout = sandbox_cgroups._get_layout()
     prefix = f"agentflow_sandbox_{os.getpid()}_"
     for parent in {layout.memory_parent, layout.pids_parent}:
@@ -461,8 +466,8 @@ def test_cgroup_v2_without_the_controllers_says_what_to_enable(tmp_path, monkeyp
 
 
 def test_output_is_truncated_with_a_marker():
-    result = run_python("print('x' * 50000)\nimport sys\nprint('y' * 50000, file=sys.stderr)",
-                        **{**QUICK, "max_output_chars": 1000})
+    result = _run("print('x' * 50000)\nimport sys\nprint('y' * 50000, file=sys.stderr)",
+                        **{"max_output_chars": 1000})
     for stream in (result.stdout, result.stderr):
         assert stream.endswith(sandbox.TRUNCATION_MARKER.format(limit=1000))
         assert len(stream) < 1100
@@ -472,8 +477,8 @@ def test_concurrent_runs_are_independent():
     results = [None] * 4
 
     def work(i):
-        results[i] = run_python(f"import time\ntime.sleep(0.2)\nopen('mine', 'w').write('{i}')\n"
-                                f"print(open('mine').read(), {i} * 11)", **QUICK)
+        results[i] = _run(f"import time\ntime.sleep(0.2)\nopen('mine', 'w').write('{i}')\n"
+                                f"print(open('mine').read(), {i} * 11)")
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
@@ -485,7 +490,7 @@ def test_concurrent_runs_are_independent():
 
 def test_bootstrap_ignores_the_callers_python_environment(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/nonexistent-injected")
-    result = run_python("import sys\nprint(any('injected' in p for p in sys.path))", **QUICK)
+    result = _run("import sys\nprint(any('injected' in p for p in sys.path))")
     assert result.stdout == "False\n"
 
 
@@ -635,7 +640,7 @@ def test_code_is_taken_from_the_last_fenced_block(reply, code):
 
 def test_python_coder_reports_output_variables_errors_and_code():
     reply = "Sure:\n```python\ny = [1, 2]\nprint('sum', sum(y))\nprint(1 / 0)\n```\nDone."
-    tool = PythonCoderTool(_ReplyEngine(reply), limits=sandbox.SandboxLimits(**QUICK))
+    tool = PythonCoderTool(_ReplyEngine(reply), limits=sandbox.SandboxLimits(**QUICK), require="best_effort")
     output = tool.run(query="add the numbers")
     assert output.startswith("Printed output:\nsum 3\n\nVariables after the run:\ny = [1, 2]\n\n")
     assert 'File "snippet.py", line 3' in output and "ZeroDivisionError: division by zero" in output
@@ -643,9 +648,20 @@ def test_python_coder_reports_output_variables_errors_and_code():
     assert output.endswith("Code:\n```python\ny = [1, 2]\nprint('sum', sum(y))\nprint(1 / 0)\n```")
 
 
+def test_sandbox_settings_are_config_keys_of_the_python_tool():
+    from agentflow_jax.tools import build_toolbox
+    toolbox = build_toolbox(["python"], engine=_ReplyEngine("print(1)"), config={"python": {
+        "require": "best_effort", "disk_bytes": 1 << 20, "max_files": 64, "max_open_files": 32}})
+    tool = toolbox.find("Python_Code_Generator_Tool")
+    assert tool.sandbox_options["require"] == "best_effort" and tool.limits.max_files == 64
+    with pytest.raises(ValueError, match="require must be one of"):
+        build_toolbox(["python"], engine=_ReplyEngine("print(1)"), config={"python": {"require": "strict"}})
+
+
 def test_python_coder_reports_a_timeout():
     tool = PythonCoderTool(_ReplyEngine("```python\nwhile True:\n    pass\n```"),
-                           limits=sandbox.SandboxLimits(**{**QUICK, "wall_timeout_s": 1.0, "cpu_time_s": 5}))
+                           limits=sandbox.SandboxLimits(**{**QUICK, "wall_timeout_s": 1.0, "cpu_time_s": 5}),
+                           require="best_effort")
     output = tool.run(query="loop")
     assert "Printed output:\n(nothing was printed)" in output
     assert "The program was stopped: wall time limit of 1 s reached." in output
