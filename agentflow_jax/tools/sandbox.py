@@ -57,7 +57,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Sequence
@@ -672,7 +671,8 @@ def _parse_status(data: bytes) -> dict[str, Any]:
 class _UidLock:
     """A uid from a pool, held exclusively (flock) for the duration of one run, across processes."""
 
-    _DIR = os.path.join(tempfile.gettempdir(), "agentflow_sandbox_uids")
+    # One directory for every caller on the host (not $TMPDIR, which callers may set differently).
+    _DIR = "/run/agentflow_sandbox_uids" if os.path.isdir("/run") else "/tmp/agentflow_sandbox_uids"
 
     def __init__(self, uid: int, fd: int):
         self.uid = uid

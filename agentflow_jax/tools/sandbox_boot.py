@@ -360,7 +360,7 @@ def _build_root(spec: dict[str, Any], layers: _Layers) -> None:
     code_uid = uid if uid is not None else os.geteuid()
     os.mkdir(root + WORKDIR, 0o700)
     os.chown(root + WORKDIR, code_uid, code_uid)
-    os.mkdir(root + "/tmp", 0o777)
+    os.makedirs(root + "/tmp", exist_ok=True)  # may hold a bind already (an interpreter under /tmp)
     os.chmod(root + "/tmp", 0o1777)
     os.mkdir(root + "/proc", 0o555)
     if "pid" in layers:  # a /proc of the host's PID namespace would show the host's processes
