@@ -7,7 +7,7 @@ Limits are short (1-3 s) so the whole file runs in seconds. Tests of a layer ski
 only on a host that lacks it (`isolation_report`); CI runs as root where every layer exists.
 """
 
-import ctypes
+import json
 import logging
 import os
 import shutil
@@ -599,7 +599,6 @@ def _run_child(prefix: list[str], setup: str = "") -> dict:
         prefix + ["sh", "-c", f'{setup} && exec "$0" -c "$1"', sys.executable, _CHILD]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr
-    import json
     return json.loads(done.stdout.splitlines()[-1])
 
 
