@@ -5,8 +5,10 @@ Baselines measured in the same run, interleaved with the sandbox:
             that starts an interpreter per call;
   two_pythons  the bare call plus `python -I -S` importing what the bootstrap imports: the floor of
             this design (a bootstrap interpreter + the code's interpreter), without any layer.
-The sandbox runs with require="full" (every layer). Prints medians per call and the ratio to the
-bare baseline, and the load average before and after (the machine may be shared).
+The sandbox runs with require="full" (every layer). Every process starts in a session of its own,
+as the sandbox's bootstrap does: with autogroup scheduling (sched_autogroup_enabled=1) a session
+is also a CPU share of its own, which matters when other jobs load the machine. Prints medians per
+call and the ratio to the bare baseline, and the load average before and after.
 
     python experiments/benchmarks/sandbox_bench.py [--rounds 5 --calls 10 --concurrency 16]
 """
@@ -29,12 +31,12 @@ _BOOT_IMPORTS = "import ctypes, json, os, resource, select, signal, stat, sys, t
 
 
 def bare() -> None:
-    done = subprocess.run([sys.executable, "-I", "-c", "print(1)"], capture_output=True)
+    done = subprocess.run([sys.executable, "-I", "-c", "print(1)"], capture_output=True, start_new_session=True)
     assert done.stdout == b"1\n"
 
 
 def two_pythons() -> None:
-    subprocess.run([sys.executable, "-I", "-S", "-c", _BOOT_IMPORTS], check=True)
+    subprocess.run([sys.executable, "-I", "-S", "-c", _BOOT_IMPORTS], check=True, start_new_session=True)
     bare()
 
 
