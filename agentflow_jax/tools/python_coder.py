@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import secrets
+from typing import Any
 
 from agentflow_jax.engines import Engine, GenerationRequest
 from agentflow_jax.tools import sandbox
@@ -28,8 +29,8 @@ PYTHON_CODER_METADATA = ToolMetadata(
         ('{"query": "Find all integer solutions of x**2 - 5*x + 6 = 0 for x in range(-100, 100) and '
          'print them."}', "A small search over candidates."),
     ),
-    limitations=("No network, no access to files outside a temporary directory, no input(); runs "
-                 "are limited in time, memory and processes; only the standard library and the "
+    limitations=("No network, no files but its own empty working directory, no input(); runs "
+                 "are limited in time, memory, disk and processes; only the standard library and the "
                  "numerical packages installed with the interpreter are available. The code is "
                  "written by a language model and can contain mistakes."),
     best_practices=("Give every value the program needs in the query; ask for one focused "
@@ -109,7 +110,7 @@ class CodeRun:
 
 
 def run_snippet(code: str, limits: sandbox.SandboxLimits, *, max_variables: int = 20,
-                max_repr_chars: int = 200, **sandbox_options: bool) -> CodeRun:
+                max_repr_chars: int = 200, **sandbox_options: Any) -> CodeRun:
     """Runs `code` in the sandbox and splits its output into printed text and final variables."""
     marker = f"=== variables {secrets.token_hex(8)} ==="
     program = _WRAPPER.format(source=code, marker=marker, max_vars=max_variables, max_repr=max_repr_chars)
@@ -119,18 +120,26 @@ def run_snippet(code: str, limits: sandbox.SandboxLimits, *, max_variables: int 
 
 
 class PythonCoderTool(Tool):
-    """Asks the engine for a snippet that answers `query`, runs it in the sandbox, reports the run."""
+    """Asks the engine for a snippet that answers `query`, runs it in the sandbox, reports the run.
+
+    `require` ("full", "best_effort" or "none") is the isolation the sandbox must have; at
+    construction the host is probed once per process, the isolation in force is logged once
+    (WARNING when a layer is missing) and kept in `self.isolation` (`sandbox.isolation_report`),
+    and with "full" a host lacking a layer raises SandboxError saying which and what to install.
+    `use_namespaces` / `switch_user` turn layers off (see `sandbox.run_python`).
+    """
 
     metadata = PYTHON_CODER_METADATA
 
     def __init__(self, engine: Engine, *, limits: sandbox.SandboxLimits = sandbox.SandboxLimits(),
-                 max_new_tokens: int = 1024, temperature: float = 0.0, use_namespaces: bool = True,
-                 switch_user: bool = True):
+                 max_new_tokens: int = 1024, temperature: float = 0.0, require: str = "full",
+                 use_namespaces: bool = True, switch_user: bool = True):
         self.engine = engine
         self.limits = limits
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
-        self.sandbox_options = {"use_namespaces": use_namespaces, "switch_user": switch_user}
+        self.sandbox_options = {"require": require, "use_namespaces": use_namespaces, "switch_user": switch_user}
+        self.isolation = sandbox.check_isolation(require, use_namespaces=use_namespaces, switch_user=switch_user)
 
     def run(self, query: str) -> str:
         request = GenerationRequest(messages=({"role": "user", "content": _PROMPT.format(query=query)},),
