@@ -28,7 +28,7 @@ from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams
 from agentflow_jax.config_reader import ConfigError, check_fields, check_keys, read_section, setting
 from agentflow_jax.engines import Engine
 from agentflow_jax.optim import OptimConfig
-from agentflow_jax.rl.trainer import TrainerConfig
+from agentflow_jax.rl.trainer import FROZEN_ROLES, TrainerConfig
 from agentflow_jax.tools import build_toolbox
 from agentflow_jax.tools.base import Toolbox
 
@@ -63,13 +63,27 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class EnginesSection:
-    """Who serves the frozen modules (query analysis, executor, verifier, generator, the tools' LLM)
-    and the reward judge: "reference" (the planner's initial weights in-process) or an engine spec
-    ("openai:URL,MODEL", "jax:DIR", "toy:ideal,WORLD_DIR", ...). `judge`: "" when no query is
-    scored by kind "judge"."""
+    """Who serves the frozen modules and the reward judge: "reference" (the planner's initial weights,
+    in-process) or an engine spec ("openai:URL,MODEL", "jax:DIR", "toy:ideal,WORLD_DIR", ...).
+
+    Attributes:
+      frozen: the engine of every frozen role (FROZEN_ROLES) not named in `roles`.
+      roles: per-role overrides, e.g. {"verifier": "openai:http://127.0.0.1:8001/v1,Qwen/Qwen2.5-72B-Instruct"}.
+      judge: the reward judge of queries of kind "judge" ("" when there are none).
+    """
 
     frozen: str = REFERENCE_ENGINE
+    roles: Mapping[str, str] = dataclasses.field(default_factory=dict)
     judge: str = ""
+
+    def __post_init__(self):
+        unknown = sorted(set(self.roles) - set(FROZEN_ROLES))
+        if unknown:
+            raise ValueError(f"roles names unknown role(s) {unknown}; roles: {list(FROZEN_ROLES)}")
+
+    def spec_of(self, role: str) -> str:
+        """The engine spec serving `role`."""
+        return self.roles.get(role, self.frozen)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,13 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app
 
+import agentflow_jax
 from agentflow_jax import checkpoint as checkpoint_lib
 from agentflow_jax import cli, sharding
 from agentflow_jax.config_reader import ConfigError
 from agentflow_jax.data.pipeline import load_queries, make_query_iterator
-from agentflow_jax.engines import engine_from_spec
+from agentflow_jax.engines import Engine, engine_from_spec
 from agentflow_jax.evaluate import evaluate_queries
-from agentflow_jax.experiment import REFERENCE_ENGINE, Experiment, read_experiment
+from agentflow_jax.experiment import FROZEN_ROLES, REFERENCE_ENGINE, Experiment, read_experiment
 from agentflow_jax.models import hf_io
 from agentflow_jax.models.tokenizer import load_tokenizer
 from agentflow_jax.observability import RunLogger, plot_curves
@@ -86,24 +87,27 @@ def run(experiment: Experiment) -> RunSummary:
         graphdef, params, tokenizer=tokenizer, toolbox_factory=e.tools.build,
         optimizer=make_optimizer(e.optim, total_steps=e.train.steps), config=e.rl, rollout=e.rollout_config(),
         max_cache_length=e.model.max_cache_length, seed=e.seed,
-        frozen_engine=None if e.engines.frozen == REFERENCE_ENGINE else engine_from_spec(e.engines.frozen),
-        judge=judge, data_iterator=iterator)
+        frozen_engines=frozen_engines(e), judge=judge, data_iterator=iterator)
     checkpointer = checkpoint_lib.TrainCheckpointer(
         e.path("checkpoints"), max_to_keep=e.train.keep_checkpoints, best_metric="eval_accuracy", best_mode="max",
         save_interval_steps=1)
     resumed = checkpointer.latest_step() is not None
     if resumed:
         trainer.state = checkpointer.restore_state(trainer.state)
+    metadata = run_metadata(e, trainer)
 
     logger = RunLogger(e.workdir, total_steps=e.train.steps, initial_step=trainer.step, progress=e.train.progress_bar)
     if resumed:
         logger.message(f"resumed from the checkpoint of step {trainer.step} in {checkpointer.directory}")
     if train_data.skipped_without_answer:
         logger.message(f"skipped {train_data.skipped_without_answer} training rows without an answer")
+    if logger.primary:
+        with open(e.path("run_metadata.json"), "w", encoding="utf-8") as f:
+            json.dump(metadata, f, indent=1, default=str)
 
     def evaluate(step: int) -> dict[str, float]:
         result = evaluate_queries(eval_records, planner=trainer.planner_engine(seed=e.seed),
-                                  frozen=trainer.frozen_engine, toolbox=trainer.toolbox,
+                                  frozen=trainer.frozen_engines, toolbox=trainer.toolbox,
                                   rollout=e.rollout_config(evaluation=True), batch_size=e.eval.batch_size, judge=judge)
         metrics = {f"eval_{k}": v for k, v in result.metrics.items()}
         logger.log(step, metrics)
@@ -126,7 +130,7 @@ def run(experiment: Experiment) -> RunSummary:
         if step % e.eval.every == 0 or is_last:
             last_eval = evaluate(step)
         if step % e.train.save_every == 0 or is_last:
-            checkpointer.save_state(trainer.state, force=True,
+            checkpointer.save_state(trainer.state, force=True, metadata=metadata,
                                     metrics={"eval_accuracy": last_eval.get("eval_accuracy", float("nan"))})
     checkpointer.wait_until_finished()
     logger.close()
@@ -134,6 +138,24 @@ def run(experiment: Experiment) -> RunSummary:
                          seconds=time.perf_counter() - start, workdir=e.workdir)
     finish(e, trainer, logger, summary)
     return summary
+
+
+def frozen_engines(experiment: Experiment) -> dict[str, Engine | None]:
+    """The engine of each frozen role (None: the planner's reference weights); one engine per distinct spec."""
+    built: dict[str, Engine | None] = {}
+    for role in FROZEN_ROLES:
+        spec = experiment.engines.spec_of(role)
+        if spec not in built:
+            built[spec] = None if spec == REFERENCE_ENGINE else engine_from_spec(spec)
+    return {role: built[experiment.engines.spec_of(role)] for role in FROZEN_ROLES}
+
+
+def run_metadata(experiment: Experiment, trainer: FlowGRPOTrainer) -> dict[str, Any]:
+    """What the run records beside its results (run_metadata.json, every checkpoint): the checked config,
+    versions, devices, and each tool's own record (the Python sandbox's isolation in force)."""
+    return {"config": dataclasses.asdict(experiment), "agentflow_jax": agentflow_jax.__version__,
+            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
+            "tools": trainer.toolbox.run_metadata()}
 
 
 def _judge(experiment: Experiment, records: Sequence[Mapping[str, Any]]) -> LLMJudge | None:

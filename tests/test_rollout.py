@@ -200,3 +200,36 @@ def test_bad_arguments():
         run(["valid"], n=0)
     with pytest.raises(ValueError, match="max_turns"):
         RolloutConfig(max_turns=0)
+
+
+def test_observer_sees_every_step_in_order_with_its_trajectory_and_turn():
+    events = []
+    trajectories = run(["continue", "valid"], n=2, config=RolloutConfig(max_turns=2), observer=events.append)
+    # Query analyses first (one per query, reported for its first trajectory), then turn by turn.
+    assert [(e.kind, e.trajectory, e.turn) for e in events[:2]] == [("analysis", 0, 0), ("analysis", 2, 0)]
+    assert events[0].data == "analysis of continue"
+    turn1 = [(e.kind, e.trajectory) for e in events if e.turn == 1]
+    assert turn1 == [("planner", i) for i in range(4)] + [("result", i) for i in range(4)] + \
+        [("verdict", i) for i in range(4)]
+    # The "valid" trajectories stopped after turn 1: only the "continue" ones step again.
+    assert {e.trajectory for e in events if e.turn == 2} == {0, 1}
+    verdicts = {(e.trajectory, e.turn): e.data for e in events if e.kind == "verdict"}
+    assert verdicts == {(0, 1): False, (1, 1): False, (2, 1): True, (3, 1): True, (0, 2): False, (1, 2): False}
+    planner_event = next(e for e in events if e.kind == "planner" and e.trajectory == 2)
+    assert planner_event.data.step.sub_goal == "valid step 1"
+    command, result = next(e.data for e in events if e.kind == "result" and e.trajectory == 2)
+    assert command.arguments == {"text": "valid step 1"} and result.output == "VALID STEP 1"
+    answers = [e for e in events if e.kind == "answer"]
+    assert [e.trajectory for e in answers] == [0, 1, 2, 3] and answers[-1].data is trajectories[3]
+
+
+def test_each_frozen_module_can_have_its_own_engine():
+    from agentflow_jax.agent.rollout import FrozenEngines
+
+    by_role = {role: ScriptedEngine(frozen_reply) for role in ("analysis", "executor", "verifier", "generator")}
+    planner, _ = engines()
+    (traj,) = rollout_batch(["valid"], n=1, planner=planner, frozen=FrozenEngines(**by_role), toolbox=toolbox())
+    assert traj.answer == "valid-1"
+    systems = {role: {r.messages[0]["content"] for r in engine.requests} for role, engine in by_role.items()}
+    assert systems == {"analysis": {prompts.QUERY_ANALYSIS_SYSTEM}, "executor": {prompts.EXECUTOR_SYSTEM},
+                       "verifier": {prompts.VERIFIER_SYSTEM}, "generator": {prompts.GENERATOR_SYSTEM}}

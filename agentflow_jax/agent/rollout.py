@@ -71,6 +71,41 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FrozenEngines:
+    """The engine of each frozen module (one engine may serve several, or all: `FrozenEngines.shared`)."""
+
+    analysis: Engine
+    executor: Engine
+    verifier: Engine
+    generator: Engine
+
+    @classmethod
+    def shared(cls, engine: Engine) -> "FrozenEngines":
+        return cls(analysis=engine, executor=engine, verifier=engine, generator=engine)
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutEvent:
+    """Something that just happened in a rollout, for observers that show it live (e.g. `solve`).
+
+    Attributes:
+      kind: "analysis" (data: the analysis text), "planner" (data: the `PlannerCall`), "result" (data:
+        (the `ToolCall` or None, the `ToolResult`)), "verdict" (data: True for STOP), "answer" (data:
+        the `Trajectory`, finished).
+      trajectory: index of the trajectory in the returned list (for "analysis": of the query's first).
+      turn: 1-based turn (0 for "analysis" and "answer").
+    """
+
+    kind: str
+    trajectory: int
+    turn: int
+    data: Any
+
+
+Observer = Callable[[RolloutEvent], None]
+
+
+@dataclasses.dataclass(frozen=True)
 class PlannerCall:
     """One planner call exactly as sampled: what training consumes (never re-tokenised)."""
 
@@ -150,8 +185,8 @@ def _texts(engine: Engine, requests: list[GenerationRequest]) -> list[Generation
     return generations
 
 
-def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: Engine, toolbox: Toolbox,
-                  config: RolloutConfig = RolloutConfig(),
+def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: Engine | FrozenEngines,
+                  toolbox: Toolbox, config: RolloutConfig = RolloutConfig(), observer: Observer | None = None,
                   clock: Callable[[], float] = time.monotonic) -> list[Trajectory]:
     """Runs `n` trajectories for every query, all stepping together.
 
@@ -159,18 +194,23 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
       queries: the questions.
       n: samples per query (the GRPO group size).
       planner: engine of the trainable planner (the in-process policy sampler during training).
-      frozen: engine of query analysis, executor, verifier and generator.
+      frozen: engine of query analysis, executor, verifier and generator, or one engine per module.
       toolbox: the tools; their failures become turn results.
       config: limits and sampling parameters.
+      observer: called with each `RolloutEvent` as it happens (from this thread).
       clock: seconds, monotonic (injectable for tests).
     Returns:
       len(queries) * n trajectories, grouped by query (query 0's n samples first).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    engines = frozen if isinstance(frozen, FrozenEngines) else FrozenEngines.shared(frozen)
+    notify = observer or (lambda event: None)
     start = clock()
-    analyses = _texts(frozen, [config.analysis.request(
+    analyses = _texts(engines.analysis, [config.analysis.request(
         prompts.build_query_analysis_prompt(q, toolbox, compact_tools=config.compact_tools)) for q in queries])
+    for qi, analysis in enumerate(analyses):
+        notify(RolloutEvent("analysis", qi * n, 0, analysis.text))
     trajectories = [
         Trajectory(query_id=qi, sample_id=s,
                    memory=Memory(query=q).with_analysis(modules.parse_query_analysis(analyses[qi].text)))
@@ -180,8 +220,9 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
         active = [i for i, t in enumerate(trajectories) if not t.done]
         if not active:
             break
-        stepped = _run_turn([trajectories[i] for i in active], turn, planner=planner, frozen=frozen,
-                            toolbox=toolbox, config=config)
+        stepped = _run_turn([trajectories[i] for i in active], turn, planner=planner, engines=engines,
+                            toolbox=toolbox, config=config, notify=lambda kind, j, data: notify(
+                                RolloutEvent(kind, active[j], turn, data)))
         elapsed = clock() - start
         for i, traj in zip(active, stepped):
             if not traj.done and elapsed >= config.max_time_s:
@@ -189,17 +230,21 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
             elif not traj.done and turn == config.max_turns:
                 traj = dataclasses.replace(traj, stop_reason="max_turns")
             trajectories[i] = traj
-    finals = _texts(frozen, [config.generator.request(
+    finals = _texts(engines.generator, [config.generator.request(
         prompts.build_generator_prompt(t.memory, memory_budget_chars=config.memory_budget_chars))
         for t in trajectories])
     elapsed = clock() - start
-    return [dataclasses.replace(t, generator_text=g.text, answer=modules.parse_generator_output(g.text).answer,
-                                elapsed_s=elapsed) for t, g in zip(trajectories, finals)]
+    finished = [dataclasses.replace(t, generator_text=g.text, answer=modules.parse_generator_output(g.text).answer,
+                                    elapsed_s=elapsed) for t, g in zip(trajectories, finals)]
+    for i, trajectory in enumerate(finished):
+        notify(RolloutEvent("answer", i, 0, trajectory))
+    return finished
 
 
-def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, frozen: Engine, toolbox: Toolbox,
-              config: RolloutConfig) -> list[Trajectory]:
-    """One turn for every given (active) trajectory: plan, execute, run tools, verify."""
+def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, engines: FrozenEngines,
+              toolbox: Toolbox, config: RolloutConfig, notify: Callable[[str, int, Any], None]) -> list[Trajectory]:
+    """One turn for every given (active) trajectory: plan, execute, run tools, verify; `notify(kind, j,
+    data)` reports each step of trajectory j as it completes."""
     planner_messages = [prompts.build_planner_prompt(
         t.memory, toolbox, step=turn, max_steps=config.max_turns, memory_budget_chars=config.memory_budget_chars,
         compact_tools=config.compact_tools) for t in trajectories]
@@ -207,13 +252,15 @@ def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, fro
     calls = [PlannerCall(messages=m, text=g.text, step=modules.parse_planner_output(g.text, toolbox),
                          prompt_ids=g.prompt_ids, token_ids=g.token_ids, logprobs=g.logprobs,
                          finish_reason=g.finish_reason) for m, g in zip(planner_messages, planned)]
+    for j, call in enumerate(calls):
+        notify("planner", j, call)
 
     # Executor: only for steps that name a known tool.
     runnable = [i for i, c in enumerate(calls) if c.step.tool_name is not None]
     executor_texts: list[str | None] = [None] * len(calls)
     commands: list[ToolCall | None] = [None] * len(calls)
     results: list[ToolResult | None] = [None] * len(calls)
-    exec_out = _texts(frozen, [config.executor.request(prompts.build_executor_prompt(
+    exec_out = _texts(engines.executor, [config.executor.request(prompts.build_executor_prompt(
         trajectories[i].memory.query, calls[i].step.sub_goal, toolbox.find(calls[i].step.tool_name).metadata,
         calls[i].step.context)) for i in runnable])
     for i, g in zip(runnable, exec_out):
@@ -231,16 +278,19 @@ def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, fro
     to_run = [i for i in range(len(calls)) if results[i] is None]
     for i, r in zip(to_run, toolbox.execute_many([commands[i] for i in to_run])):
         results[i] = r
+    for j, (command, result) in enumerate(zip(commands, results)):
+        notify("result", j, (command, result))
 
     memories = [t.memory.add_turn(tool_name=c.step.tool_name or c.step.raw_tool_name, sub_goal=c.step.sub_goal,
                                   command=cmd if cmd is not None else "", result=r.as_text(), ok=r.ok)
                 for t, c, cmd, r in zip(trajectories, calls, commands, results)]
-    verdicts = _texts(frozen, [config.verifier.request(prompts.build_verifier_prompt(
+    verdicts = _texts(engines.verifier, [config.verifier.request(prompts.build_verifier_prompt(
         m, toolbox, memory_budget_chars=config.memory_budget_chars, compact_tools=config.compact_tools))
         for m in memories])
     out = []
     for t, m, c, et, cmd, r, v in zip(trajectories, memories, calls, executor_texts, commands, results, verdicts):
         stop = modules.parse_verifier_output(v.text).stop
+        notify("verdict", len(out), stop)
         log = TurnLog(planner=c, executor_text=et, command=cmd, result=r, verifier_text=v.text, stop=stop)
         out.append(dataclasses.replace(t, memory=m.with_verdict(stop), turns=t.turns + (log,),
                                        stop_reason="verifier" if stop else ""))

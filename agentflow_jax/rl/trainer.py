@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from agentflow_jax.agent.rollout import RolloutConfig, Trajectory, rollout_batch
+from agentflow_jax.agent.rollout import FrozenEngines, RolloutConfig, Trajectory, rollout_batch
 from agentflow_jax.config_reader import check_fields, setting
 from agentflow_jax.engines import Engine
 from agentflow_jax.engines.jax_engine import JaxEngine
@@ -70,6 +70,10 @@ class TrainerConfig:
         check_fields(self)
 
 
+FROZEN_ROLES = ("analysis", "executor", "verifier", "generator", "tools")
+"""The frozen modules (query analysis, executor, verifier, generator) and the LLM inside the tools."""
+
+
 class MiniBatch(NamedTuple):
     """One optimizer update's rows: packed planner calls, [B] advantages (0 on padding rows), the
     pre-update policy's and the reference's log-probs [B, T] (None without a KL term in the loss)."""
@@ -102,15 +106,17 @@ class FlowGRPOTrainer:
       rollout: loop limits and per-module sampling.
       max_cache_length: KV-cache slots per sequence of the samplers.
       seed: base seed of the planner's sampling (`TrainState.step_seed`).
-      frozen_engine: the engine of the frozen modules and tools; default: the reference parameters
-        through the policy's compiled sampler.
+      frozen_engines: the engine of each frozen role ("analysis", "executor", "verifier", "generator",
+        "tools": the tools' LLM), or one engine for all; a role without one (default: all) is served by
+        the reference parameters through the policy's compiled sampler.
       judge: scores queries of kind "judge" (`rewards.LLMJudge`); None when there are none.
       data_iterator: the training data's iterator, kept in the state for checkpoints.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *, tokenizer: Tokenizer, toolbox_factory,
                  optimizer: optax.GradientTransformation, config: TrainerConfig, rollout: RolloutConfig,
-                 max_cache_length: int = 4096, seed: int = 0, frozen_engine: Engine | None = None,
+                 max_cache_length: int = 4096, seed: int = 0,
+                 frozen_engines: Engine | Mapping[str, Engine | None] | None = None,
                  judge: LLMJudge | None = None, data_iterator: Any = None):
         if abs(rollout.planner.temperature - config.loss.temperature) > 1e-9 and rollout.planner.temperature > 0:
             raise ValueError(f"loss temperature {config.loss.temperature} must equal the planner's sampling "
@@ -122,10 +128,17 @@ class FlowGRPOTrainer:
         self.optimizer = optimizer
         self.state = TrainState.create(params, optimizer, seed=seed, data_iterator=data_iterator)
         self.policy_sampler = Sampler.from_state(graphdef, params, max_cache_length=max_cache_length)
-        if frozen_engine is None:
-            frozen_engine = JaxEngine(self.policy_sampler.with_params(self.ref_params), tokenizer, seed=seed + 1)
-        self.frozen_engine: Engine = frozen_engine
-        self.toolbox: Toolbox = toolbox_factory(self.frozen_engine)
+        if not isinstance(frozen_engines, Mapping):
+            frozen_engines = dict.fromkeys(FROZEN_ROLES, frozen_engines)
+        unknown = sorted(set(frozen_engines) - set(FROZEN_ROLES))
+        if unknown:
+            raise ValueError(f"frozen_engines names unknown role(s) {unknown}; roles: {list(FROZEN_ROLES)}")
+        reference = None
+        if any(frozen_engines.get(role) is None for role in FROZEN_ROLES):
+            reference = JaxEngine(self.policy_sampler.with_params(self.ref_params), tokenizer, seed=seed + 1)
+        engines = {role: frozen_engines.get(role) or reference for role in FROZEN_ROLES}
+        self.frozen_engines = FrozenEngines(**{role: engines[role] for role in FROZEN_ROLES if role != "tools"})
+        self.toolbox: Toolbox = toolbox_factory(engines["tools"])
         self._value_and_grad = loss_lib.make_value_and_grad(graphdef, config.loss)
         self._logprobs = jax.jit(lambda p, ids, mask, targets, loss_mask: token_logprobs(
             graphdef, p, ids, mask, targets, temperature=config.loss.temperature,
@@ -152,7 +165,7 @@ class FlowGRPOTrainer:
         start = time.perf_counter()
         trajectories = rollout_batch([q["query"] for q in queries], n=self.config.group_size,
                                      planner=self.planner_engine(seed=self.state.step_seed()),
-                                     frozen=self.frozen_engine, toolbox=self.toolbox, config=self.rollout_config)
+                                     frozen=self.frozen_engines, toolbox=self.toolbox, config=self.rollout_config)
         rewards = score_trajectories(trajectories, queries, judge=self.judge)
         rollout_s = time.perf_counter() - start
         records = turn_records(trajectories, rewards)

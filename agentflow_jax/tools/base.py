@@ -85,6 +85,10 @@ class Tool(abc.ABC):
     def run(self, **arguments: Any) -> str:
         """Run the tool on validated arguments and return its textual output."""
 
+    def run_metadata(self) -> dict[str, Any]:
+        """What a training run records about this tool (JSON-able), e.g. the sandbox isolation in force."""
+        return {}
+
     def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Checks `arguments` against the schema; returns them as a dict or raises ToolArgumentError."""
         if not isinstance(arguments, Mapping):
@@ -133,6 +137,10 @@ class Toolbox:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(t.metadata.name for t in self.tools)
+
+    def run_metadata(self) -> dict[str, dict[str, Any]]:
+        """Each tool's `run_metadata`, by tool name."""
+        return {t.metadata.name: t.run_metadata() for t in self.tools}
 
     def find(self, name: str) -> Tool | None:
         """The tool whose normalised name equals normalize_tool_name(name), or None."""

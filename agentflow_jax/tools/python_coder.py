@@ -141,6 +141,10 @@ class PythonCoderTool(Tool):
         self.sandbox_options = {"require": require, "use_namespaces": use_namespaces, "switch_user": switch_user}
         self.isolation = sandbox.check_isolation(require, use_namespaces=use_namespaces, switch_user=switch_user)
 
+    def run_metadata(self) -> dict[str, Any]:
+        """The sandbox isolation in force (`sandbox.isolation_report`)."""
+        return {"isolation": self.isolation}
+
     def run(self, query: str) -> str:
         request = GenerationRequest(messages=({"role": "user", "content": _PROMPT.format(query=query)},),
                                     max_new_tokens=self.max_new_tokens, temperature=self.temperature)

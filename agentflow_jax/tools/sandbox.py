@@ -61,6 +61,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from agentflow_jax.errors import UserError
 from agentflow_jax.tools import sandbox_cgroups, sandbox_seccomp
 
 _log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ EXPOSURES = {
 }
 
 
-class SandboxError(RuntimeError):
+class SandboxError(UserError, RuntimeError):
     """The sandbox could not be set up, or refused to run at the required isolation level."""
 
 

@@ -44,7 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.tools.names = ("generalist", "python", "google", "wikipedia", "web_rag")
     config.tools.settings = ml_collections.ConfigDict()
     config.tools.settings.call_timeout_s = 120.0
-    config.tools.settings.python = {"wall_timeout_s": 60.0, "max_new_tokens": 2048}
+    # require="full": the sandbox refuses to start on a host that lacks an isolation layer (the model
+    # under training writes the programs); "best_effort" runs with what the host has and says what is missing.
+    config.tools.settings.python = {"wall_timeout_s": 60.0, "max_new_tokens": 2048, "require": "full"}
     config.tools.settings.generalist = {"max_new_tokens": 2048}
 
     config.rollout = ml_collections.ConfigDict()
