@@ -1,14 +1,14 @@
 """Training checkpoints: an Orbax `CheckpointManager` for one run directory.
 
-Each step directory holds four items:
+Each step directory holds three items:
 
   params/         the model parameters as a pure nested dict of arrays (an `nnx.State` is stored
                   through `nnx.to_pure_dict`, so the layout does not depend on flax Variable
                   internals), written shard by shard by every process (OCDBT + tensorstore);
   opt_state/      the optax state pytree (any `nnx.State` inside it stored the same way);
-  data_iterator/  grain iterator state, one JSON file per process (`process_<i>-of-<n>.json`),
-                  written by grain's own Orbax handler, because every process reads its own shard;
-  train_meta/     JSON: step, metrics, free-form metadata and the RNG key data (uint32 lists).
+  train_meta/     JSON: step, metrics, free-form metadata, the RNG key data (uint32 lists) and the
+                  data iterator's state (`data.pipeline` iterators hold the global position, the
+                  same on every process, so a run resumes on any number of processes).
 
 Saving is asynchronous: `save` returns once device arrays are copied to host memory and the
 writes run in a background thread; call `wait_until_finished()` (or `close()`) before exiting.
@@ -22,7 +22,7 @@ and `BestN`). Steps saved without the metric are ranked by recency only.
 Restoring takes abstract targets (`jax.ShapeDtypeStruct` with a sharding, or live arrays) for
 params and optimizer state; arrays come back with exactly those shardings, so a run saved on one
 mesh resumes on another. `with_shardings` builds the parameter target from
-`sharding.state_shardings`; `abstract_opt_state` derives the optimizer target from it.
+`sharding.state_shardings`; `sharding.abstract_opt_state` derives the optimizer target from it.
 """
 
 from __future__ import annotations
@@ -33,20 +33,17 @@ import math
 import os
 from typing import Any, Literal, Mapping
 
-import flax.nnx as nnx
 import grain
 import jax
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from agentflow_jax import sharding as sharding_lib
 from agentflow_jax.errors import UserError
 from agentflow_jax.train_state import TrainState
 
 PARAMS = "params"
 OPT_STATE = "opt_state"
-DATA_ITERATOR = "data_iterator"
 TRAIN_META = "train_meta"
 META_FORMAT_VERSION = 1
 
@@ -96,67 +93,13 @@ def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
                         abstract_tree, shardings)
 
 
-def abstract_opt_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
-    """Restore target for `optimizer.init(params)` without allocating it.
-
-    `params` is the parameters' restore target (see `with_shardings`). `jax.eval_shape` drops
-    shardings, so they are put back: a leaf that mirrors a parameter (Adam's `mu`/`nu`,
-    momentum: its key path ends with the parameter's path and the shapes agree) gets that
-    parameter's sharding; other leaves (step counts) are replicated on the parameters' mesh.
-    """
-    abstract = jax.eval_shape(optimizer.init, params)
-    param_leaves = {_dotted(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(_to_pure(params))[0]}
-    replicated = _replicated_sharding(params)
-
-    def one(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-        dotted = "." + _dotted(path)
-        mirrored = [key for key, p in param_leaves.items()
-                    if dotted.endswith("." + key) and tuple(p.shape) == tuple(leaf.shape)]
-        source = param_leaves[max(mirrored, key=len)] if mirrored else None
-        sharding = getattr(source, "sharding", None) or replicated
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-    return _from_pure(abstract, jax.tree_util.tree_map_with_path(one, _to_pure(abstract)))
-
-
-def _is_state(node: Any) -> bool:
-    return isinstance(node, nnx.State)
-
-
-def _to_pure(tree: Any) -> Any:
-    """`tree` with every `nnx.State` replaced by its pure nested dict."""
-    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if _is_state(x) else x, tree, is_leaf=_is_state)
-
-
-def _from_pure(target: Any, restored: Any) -> Any:
-    """`restored` (pure, structured like `_to_pure(target)`) put back into `target`'s containers."""
-
-    def one(target_node: Any, restored_node: Any) -> Any:
-        if not _is_state(target_node):
-            return restored_node
-        state = jax.tree.map(lambda x: x, target_node)  # fresh Variables; the caller's target is untouched
-        nnx.replace_by_pure_dict(state, restored_node)
-        return state
-
-    return jax.tree.map(one, target, restored, is_leaf=_is_state)
-
-
-def _replicated_sharding(tree: Any) -> NamedSharding:
-    """Full replication on the mesh of `tree`'s first NamedSharding (on all devices when none)."""
-    for leaf in jax.tree.leaves(tree):
-        sharding = getattr(leaf, "sharding", None)
-        if isinstance(sharding, NamedSharding):
-            return NamedSharding(sharding.mesh, PartitionSpec())
-    return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
-
-
 def _abstract_target(tree: Any) -> Any:
     """ShapeDtypeStructs with shardings for every leaf of a (pure) restore target.
 
     Leaves without a sharding (e.g. optax's step `count` from `jax.eval_shape`) are replicated
     over the mesh of the other leaves, or over all devices when no leaf names a mesh.
     """
-    replicated = _replicated_sharding(tree)
+    replicated = sharding_lib.replicated_sharding(tree)
 
     def one(leaf: Any) -> jax.ShapeDtypeStruct:
         sharding = getattr(leaf, "sharding", None) or replicated
@@ -165,19 +108,8 @@ def _abstract_target(tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def _dotted(path: tuple[Any, ...]) -> str:
-    """A key path as "mu.layers.attn.q_kernel" (namedtuple fields and dict keys alike)."""
-    parts = []
-    for entry in path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(entry, attribute):
-                parts.append(str(getattr(entry, attribute)))
-                break
-    return ".".join(parts)
-
-
 def _shapes_by_key(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {_dotted(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {sharding_lib.dotted_path(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _check_structure(item: str, target: Any, saved_metadata: Any, step: int, path: str) -> None:
@@ -269,8 +201,6 @@ def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
         registry.add(item, ocp.args.StandardRestore)
     registry.add(TRAIN_META, ocp.args.JsonSave)
     registry.add(TRAIN_META, ocp.args.JsonRestore)
-    registry.add(DATA_ITERATOR, grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
-    registry.add(DATA_ITERATOR, grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
     return registry
 
 
@@ -397,13 +327,11 @@ class TrainCheckpointer:
         scalar_metrics = _scalar_metrics(metrics)
         meta = {"format": META_FORMAT_VERSION, "step": int(step), "metrics": scalar_metrics,
                 "metadata": dict(metadata or {}), "rng": encode_rng(rng),
-                "data_iterator_process_count": jax.process_count() if data_iterator is not None else None}
+                "data_iterator": data_iterator.get_state() if data_iterator is not None else None}
         _check_json("metadata", meta["metadata"])
-        items = {PARAMS: ocp.args.StandardSave(_to_pure(params)),
-                 OPT_STATE: ocp.args.StandardSave(_to_pure(opt_state)),
+        items = {PARAMS: ocp.args.StandardSave(sharding_lib.to_pure_tree(params)),
+                 OPT_STATE: ocp.args.StandardSave(sharding_lib.to_pure_tree(opt_state)),
                  TRAIN_META: ocp.args.JsonSave(meta)}
-        if data_iterator is not None:
-            items[DATA_ITERATOR] = grain.checkpoint.CheckpointSave(data_iterator)
         ranked = self.best_metric is not None and self.best_metric in scalar_metrics
         return self._manager.save(int(step), args=ocp.args.Composite(**items),
                                   metrics=scalar_metrics if ranked else None, force=force)
@@ -445,22 +373,25 @@ class TrainCheckpointer:
         meta, saved = self._read(step, lambda: (
             self._manager.restore(step, args=ocp.args.Composite(**{TRAIN_META: ocp.args.JsonRestore()}))[TRAIN_META],
             self._manager.item_metadata(step)))
-        targets = {PARAMS: _to_pure(params)}
+        targets = {PARAMS: sharding_lib.to_pure_tree(params)}
         if opt_state is not None:
-            targets[OPT_STATE] = _to_pure(opt_state)
+            targets[OPT_STATE] = sharding_lib.to_pure_tree(opt_state)
         for item, target in targets.items():
             if saved.get(item) is None:
                 raise CorruptCheckpointError(self._corrupt_message(step, f"its {item!r} item is missing"))
             _check_structure(item, target, saved[item], step, self.step_path(step))
         items = {item: ocp.args.StandardRestore(_abstract_target(target)) for item, target in targets.items()}
         if data_iterator is not None:
-            self._check_iterator_saved(step, meta)
-            items[DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)
+            if meta.get("data_iterator") is None:
+                raise CheckpointStructureError(
+                    f"checkpoint step {step} ({self.step_path(step)}) was saved without a data iterator; pass "
+                    "data_iterator=None to restore and start the data from the beginning")
+            data_iterator.set_state(meta["data_iterator"])
         restored = self._read(step, lambda: self._manager.restore(step, args=ocp.args.Composite(**items)))
         return RestoredCheckpoint(
             step=step,
-            params=_from_pure(params, restored[PARAMS]),
-            opt_state=_from_pure(opt_state, restored[OPT_STATE]) if opt_state is not None else None,
+            params=sharding_lib.from_pure_tree(params, restored[PARAMS]),
+            opt_state=sharding_lib.from_pure_tree(opt_state, restored[OPT_STATE]) if opt_state is not None else None,
             rng=decode_rng(meta.get("rng")),
             metrics=dict(meta.get("metrics", {})),
             metadata=dict(meta.get("metadata", {})),
@@ -473,19 +404,6 @@ class TrainCheckpointer:
                                 data_iterator=target.data_iterator)
         rng = target.rng if restored.rng is None else np.asarray(restored.rng, np.uint32)
         return target.replace(params=restored.params, opt_state=restored.opt_state, step=restored.step, rng=rng)
-
-    def _check_iterator_saved(self, step: int, meta: Mapping[str, Any]) -> None:
-        """Data iterator states are per process: there must be one for each process of this run."""
-        saved_processes = meta.get("data_iterator_process_count")
-        where = f"checkpoint step {step} ({self.step_path(step)})"
-        if saved_processes is None:
-            raise CheckpointStructureError(f"{where} was saved without a data iterator; pass data_iterator=None "
-                                           "to restore and start the data from the beginning")
-        if saved_processes != jax.process_count():
-            raise CheckpointStructureError(
-                f"{where} holds data iterator states of {saved_processes} processes but this run has "
-                f"{jax.process_count()}; each process reads its own data shard, so exact data resumption "
-                "needs the same process count. Pass data_iterator=None to start the data afresh.")
 
     def _resolve_step(self, step: int | None) -> int:
         steps = self.all_steps()

@@ -22,6 +22,7 @@ from typing import Any, Callable, NoReturn, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from agentflow_jax import distributed
 from agentflow_jax.engines import EngineError
 from agentflow_jax.errors import UserError
 
@@ -33,6 +34,15 @@ EXIT_USER_ERROR = 2
 
 
 _CONFIG_FLAG: flags.FlagHolder | None = None
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 of a multi-process run "
+                                   "(else $AGENTFLOW_COORDINATOR, or detected on TPU pods and SLURM).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run from the flags, the environment or the cluster (`distributed.initialize`)."""
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
 
 def config_flag() -> flags.FlagHolder:

@@ -36,9 +36,11 @@ def chosen_tools(trajectory: Trajectory) -> tuple[str | None, ...]:
 
 
 def evaluate_queries(records: Sequence[Mapping[str, Any]], *, planner: Engine, frozen: Engine, toolbox: Toolbox,
-                     rollout: RolloutConfig, batch_size: int = 64, judge: LLMJudge | None = None) -> EvalResult:
+                     rollout: RolloutConfig, batch_size: int = 64, judge: LLMJudge | None = None,
+                     first_sample_id: int = 0) -> EvalResult:
     """One trajectory per record (in batches of `batch_size` queries); metrics over all of them.
-    `judge` scores the records of kind "judge"."""
+    `judge` scores the records of kind "judge"; record i samples as sample id first_sample_id + i
+    (`rollout_batch`), so a process evaluating its share gives what one process would."""
     if not records:
         raise ValueError("evaluate_queries needs at least one record")
     trajectories: list[Trajectory] = []
@@ -46,7 +48,7 @@ def evaluate_queries(records: Sequence[Mapping[str, Any]], *, planner: Engine, f
     for start in range(0, len(records), batch_size):
         chunk = list(records[start:start + batch_size])
         batch = rollout_batch([r["query"] for r in chunk], n=1, planner=planner, frozen=frozen, toolbox=toolbox,
-                              config=rollout)
+                              config=rollout, first_sample_id=first_sample_id + start)
         rewards.append(score_trajectories(batch, chunk, judge=judge))
         trajectories += [dataclasses.replace(t, query_id=start + t.query_id) for t in batch]
     rewards_array = np.concatenate(rewards)
@@ -57,19 +59,30 @@ def evaluate_queries(records: Sequence[Mapping[str, Any]], *, planner: Engine, f
 def eval_metrics(records: Sequence[Mapping[str, Any]], trajectories: Sequence[Trajectory],
                  rewards: np.ndarray) -> dict[str, float]:
     """Accuracy, mean reward and turns overall and per "qtype"; tool-choice accuracy where "tools" is given."""
+    return metrics_from_outcomes(records, record_outcomes(records, trajectories, rewards))
+
+
+def record_outcomes(records: Sequence[Mapping[str, Any]], trajectories: Sequence[Trajectory],
+                    rewards: np.ndarray) -> np.ndarray:
+    """[N, 3] float64 per record: reward, turns, tool choice (1 right, 0 wrong, -1 no "tools" given).
+    Rows of several processes' shares concatenate into the whole evaluation's."""
+    return np.asarray([[reward, len(t.turns), -1.0 if r.get("tools") is None else
+                        float(chosen_tools(t) == tuple(r["tools"]))]
+                       for r, t, reward in zip(records, trajectories, rewards)], np.float64).reshape(len(records), 3)
+
+
+def metrics_from_outcomes(records: Sequence[Mapping[str, Any]], outcomes: np.ndarray) -> dict[str, float]:
+    """`eval_metrics` from `record_outcomes` rows (one per record, in order)."""
+    rewards, turns, tools = outcomes[:, 0], outcomes[:, 1], outcomes[:, 2]
     correct = rewards >= 1.0
-    metrics = {"accuracy": float(correct.mean()), "reward": float(rewards.mean()),
-               "turns": float(np.mean([len(t.turns) for t in trajectories])), "count": float(len(trajectories))}
+    metrics = {"accuracy": float(correct.mean()), "reward": float(rewards.mean()), "turns": float(turns.mean()),
+               "count": float(len(records))}
     qtypes = [r.get("qtype") for r in records]
     for qtype in sorted({q for q in qtypes if q is not None}):
-        rows = [i for i, q in enumerate(qtypes) if q == qtype]
+        rows = np.asarray([q == qtype for q in qtypes])
         metrics[f"accuracy/{qtype}"] = float(correct[rows].mean())
-        with_tools = [i for i in rows if records[i].get("tools") is not None]
-        if with_tools:
-            metrics[f"tool_choice/{qtype}"] = float(np.mean(
-                [chosen_tools(trajectories[i]) == tuple(records[i]["tools"]) for i in with_tools]))
-    with_tools = [i for i, r in enumerate(records) if r.get("tools") is not None]
-    if with_tools:
-        metrics["tool_choice"] = float(np.mean(
-            [chosen_tools(trajectories[i]) == tuple(records[i]["tools"]) for i in with_tools]))
+        if (tools[rows] >= 0).any():
+            metrics[f"tool_choice/{qtype}"] = float(tools[rows & (tools >= 0)].mean())
+    if (tools >= 0).any():
+        metrics["tool_choice"] = float(tools[tools >= 0].mean())
     return metrics

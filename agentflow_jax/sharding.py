@@ -19,6 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import flax.nnx as nnx
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -174,3 +175,75 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = context
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, partition_spec(x.shape, logical_axes, mesh, rules)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer state and pure pytrees
+# ----------------------------------------------------------------------------------------------
+
+
+def abstract_opt_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """`optimizer.init(params)` as ShapeDtypeStructs with shardings, without allocating it (a restore
+    target, or the out_shardings of a jitted init).
+
+    `params` holds arrays or ShapeDtypeStructs with shardings. `jax.eval_shape` drops
+    shardings, so they are put back: a leaf that mirrors a parameter (Adam's `mu`/`nu`,
+    momentum: its key path ends with the parameter's path and the shapes agree) gets that
+    parameter's sharding; other leaves (step counts) are replicated on the parameters' mesh.
+    """
+    abstract = jax.eval_shape(optimizer.init, params)
+    param_leaves = {dotted_path(path): leaf
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(to_pure_tree(params))[0]}
+    replicated = replicated_sharding(params)
+
+    def one(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        dotted = "." + dotted_path(path)
+        mirrored = [key for key, p in param_leaves.items()
+                    if dotted.endswith("." + key) and tuple(p.shape) == tuple(leaf.shape)]
+        source = param_leaves[max(mirrored, key=len)] if mirrored else None
+        sharding = getattr(source, "sharding", None) or replicated
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return from_pure_tree(abstract, jax.tree_util.tree_map_with_path(one, to_pure_tree(abstract)))
+
+
+def _is_state(node: Any) -> bool:
+    return isinstance(node, nnx.State)
+
+
+def to_pure_tree(tree: Any) -> Any:
+    """`tree` with every `nnx.State` replaced by its pure nested dict."""
+    return jax.tree.map(lambda x: nnx.to_pure_dict(x) if _is_state(x) else x, tree, is_leaf=_is_state)
+
+
+def from_pure_tree(target: Any, restored: Any) -> Any:
+    """`restored` (pure, structured like `to_pure_tree(target)`) put back into `target`'s containers."""
+
+    def one(target_node: Any, restored_node: Any) -> Any:
+        if not _is_state(target_node):
+            return restored_node
+        state = jax.tree.map(lambda x: x, target_node)  # fresh Variables; the caller's target is untouched
+        nnx.replace_by_pure_dict(state, restored_node)
+        return state
+
+    return jax.tree.map(one, target, restored, is_leaf=_is_state)
+
+
+def replicated_sharding(tree: Any) -> NamedSharding:
+    """Full replication on the mesh of `tree`'s first NamedSharding (on all devices when none)."""
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            return NamedSharding(sharding.mesh, PartitionSpec())
+    return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+
+
+def dotted_path(path: tuple[Any, ...]) -> str:
+    """A key path as "mu.layers.attn.q_kernel" (namedtuple fields and dict keys alike)."""
+    parts = []
+    for entry in path:
+        for attribute in ("key", "name", "idx"):
+            if hasattr(entry, attribute):
+                parts.append(str(getattr(entry, attribute)))
+                break
+    return ".".join(parts)

@@ -30,11 +30,11 @@ from absl import app
 
 import agentflow_jax
 from agentflow_jax import checkpoint as checkpoint_lib
-from agentflow_jax import cli, sharding
+from agentflow_jax import cli, distributed, sharding
 from agentflow_jax.config_reader import ConfigError
 from agentflow_jax.data.pipeline import load_queries, make_query_iterator
 from agentflow_jax.engines import Engine, engine_from_spec
-from agentflow_jax.evaluate import evaluate_queries
+from agentflow_jax.evaluate import evaluate_queries, metrics_from_outcomes, record_outcomes
 from agentflow_jax.experiment import FROZEN_ROLES, REFERENCE_ENGINE, Experiment, read_experiment
 from agentflow_jax.models import hf_io
 from agentflow_jax.models.tokenizer import load_tokenizer
@@ -75,6 +75,9 @@ def run(experiment: Experiment) -> RunSummary:
     start = time.perf_counter()
     e = experiment
     mesh = sharding.make_mesh(e.mesh) if e.mesh else None
+    if e.data.batch_size % jax.process_count():
+        raise ConfigError(f"{e.source or 'config'}: config.data.batch_size = {e.data.batch_size} queries cannot be "
+                          f"shared by {jax.process_count()} processes; make it a multiple of {jax.process_count()}")
     tokenizer = load_tokenizer(e.model.tokenizer_spec)
     model = hf_io.load_pretrained(e.model.path, dtype=jnp.dtype(e.model.dtype), param_dtype=jnp.dtype(e.model.storage_dtype),
                                   mesh=mesh, remat=e.model.remat)
@@ -87,10 +90,13 @@ def run(experiment: Experiment) -> RunSummary:
         graphdef, params, tokenizer=tokenizer, toolbox_factory=e.tools.build,
         optimizer=make_optimizer(e.optim, total_steps=e.train.steps), config=e.rl, rollout=e.rollout_config(),
         max_cache_length=e.model.max_cache_length, seed=e.seed,
-        frozen_engines=frozen_engines(e), judge=judge, data_iterator=iterator)
+        frozen_engines=frozen_engines(e), judge=judge, data_iterator=iterator, mesh=mesh)
+    # Several processes save synchronously: Orbax's asynchronous save waits at barriers that are device
+    # collectives, and from its thread they can interleave with the next step's collectives in another
+    # order on each process (a deadlock, seen with 2 CPU processes).
     checkpointer = checkpoint_lib.TrainCheckpointer(
         e.path("checkpoints"), max_to_keep=e.train.keep_checkpoints, best_metric="eval_accuracy", best_mode="max",
-        save_interval_steps=1)
+        save_interval_steps=1, async_save=jax.process_count() == 1)
     resumed = checkpointer.latest_step() is not None
     if resumed:
         trainer.state = checkpointer.restore_state(trainer.state)
@@ -105,11 +111,17 @@ def run(experiment: Experiment) -> RunSummary:
         with open(e.path("run_metadata.json"), "w", encoding="utf-8") as f:
             json.dump(metadata, f, indent=1, default=str)
 
+    mine = np.array_split(np.arange(len(eval_records)), jax.process_count())[jax.process_index()]
+
     def evaluate(step: int) -> dict[str, float]:
-        result = evaluate_queries(eval_records, planner=trainer.planner_engine(seed=e.seed),
+        """Each process evaluates its share of the held-out queries; the metrics are over all of them."""
+        result = evaluate_queries([eval_records[i] for i in mine], planner=trainer.planner_engine(seed=e.seed),
                                   frozen=trainer.frozen_engines, toolbox=trainer.toolbox,
-                                  rollout=e.rollout_config(evaluation=True), batch_size=e.eval.batch_size, judge=judge)
-        metrics = {f"eval_{k}": v for k, v in result.metrics.items()}
+                                  rollout=e.rollout_config(evaluation=True), batch_size=e.eval.batch_size, judge=judge,
+                                  first_sample_id=int(mine[0]) if len(mine) else 0)
+        outcomes = record_outcomes([eval_records[i] for i in mine], result.trajectories, result.rewards)
+        metrics = {f"eval_{k}": v for k, v in
+                   metrics_from_outcomes(eval_records, distributed.gather_ragged(outcomes)).items()}
         logger.log(step, metrics)
         logger.log_trajectories(step, "eval", [t.to_json() for t in result.trajectories[:e.train.log_trajectories]])
         logger.message(f"step {step}: eval accuracy {metrics['eval_accuracy']:.3f} "
@@ -195,9 +207,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.KEY=VALUE")
     config, source = cli.load_config(_CONFIG)
-    if os.environ.get("AGENTFLOW_DISTRIBUTED"):
-        jax.distributed.initialize()
-    run(read_experiment(config, source=source))
+    experiment = read_experiment(config, source=source)
+    cli.initialize_distributed()
+    run(experiment)
 
 
 if __name__ == "__main__":

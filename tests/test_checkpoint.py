@@ -1,7 +1,6 @@
 """TrainCheckpointer: exact round trips, retention, async saves, resharding restores, clear errors."""
 
 import glob
-import json
 import os
 
 import flax.nnx as nnx
@@ -104,7 +103,7 @@ def test_round_trip_restores_every_part_exactly_in_a_new_process_view(tmp_path, 
     resumed_data = pipeline.make_query_iterator(QUERIES, batch_size=2, seed=5, shard_index=0, shard_count=1)
     target = param_target(mesh_2x4)
     restored = checkpoint.TrainCheckpointer(tmp_path).restore_latest(
-        params=target, opt_state=checkpoint.abstract_opt_state(tx, target), data_iterator=resumed_data)
+        params=target, opt_state=sharding.abstract_opt_state(tx, target), data_iterator=resumed_data)
 
     assert restored.step == 12
     assert isinstance(restored.params, nnx.State)
@@ -214,7 +213,7 @@ def test_restore_into_a_different_mesh(tmp_path, mesh_2x4):
         ckpt.save(4, params=params, opt_state=opt_state)
 
     target = param_target(mesh_2x4)
-    opt_target = checkpoint.abstract_opt_state(tx, target)
+    opt_target = sharding.abstract_opt_state(tx, target)
     restored = checkpoint.TrainCheckpointer(tmp_path).restore(params=target, opt_state=opt_target)
 
     assert_trees_identical(restored.params, params)
@@ -300,18 +299,4 @@ def test_restoring_a_data_iterator_that_was_not_saved_is_explained(tmp_path):
         save_small(ckpt, 1)
     data = pipeline.make_query_iterator(QUERIES, batch_size=2, seed=0, shard_index=0, shard_count=1)
     with pytest.raises(checkpoint.CheckpointStructureError, match="without a data iterator.*data_iterator=None"):
-        checkpoint.TrainCheckpointer(tmp_path).restore(params=small_params(), data_iterator=data)
-
-
-def test_data_iterator_from_another_process_count_is_explained(tmp_path):
-    data = pipeline.make_query_iterator(QUERIES, batch_size=2, seed=0, shard_index=0, shard_count=1)
-    with checkpoint.TrainCheckpointer(tmp_path) as ckpt:
-        save_small(ckpt, 1, data_iterator=data)
-    meta_file = os.path.join(tmp_path, "1", "train_meta", "metadata")
-    with open(meta_file) as f:
-        meta = json.load(f)
-    assert meta["data_iterator_process_count"] == 1
-    with open(meta_file, "w") as f:  # as if saved by a 2-process run
-        json.dump({**meta, "data_iterator_process_count": 2}, f)
-    with pytest.raises(checkpoint.CheckpointStructureError, match="of 2 processes but this run has 1"):
         checkpoint.TrainCheckpointer(tmp_path).restore(params=small_params(), data_iterator=data)

@@ -150,14 +150,27 @@ def test_pack_turns_rejects_inconsistent_trajectories():
         batch_lib.pack_turns([], pad_id=0)
 
 
-def test_split_microbatches():
+def test_microbatches_are_consecutive_row_slices():
     b = batch_lib.pack_turns(random_records(0), pad_id=0, length_bucket=4, row_bucket=3)
-    parts = batch_lib.split_microbatches(b, 3)
-    assert len(parts) == 3 and all(p.num_rows == b.num_rows // 3 for p in parts)
+    stacked = batch_lib.stack_microbatches(b, 3)
+    parts = [batch_lib.microbatch(stacked, i) for i in range(3)]
+    assert all(p.num_rows == b.num_rows // 3 for p in parts)
     for field in ("input_ids", "loss_mask", "trajectory_id", "row_is_real"):
         np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(b, field))
     with pytest.raises(ValueError, match="row_bucket"):
-        batch_lib.split_microbatches(b, b.num_rows + 1)
+        batch_lib.stack_microbatches(b, b.num_rows + 1)
+
+
+def test_pack_turns_with_agreed_sizes_and_whole_step_turn_counts():
+    """Explicit sizes (what every process of a run agreed on) may hold no record at all, and the
+    "flow" turn count comes from the whole step when a mini-batch holds only some turns."""
+    empty = batch_lib.pack_turns([], pad_id=7, length=8, num_rows=4)
+    assert empty.input_ids.shape == (4, 8) and not empty.row_is_real.any() and empty.loss_mask.sum() == 0
+    record = TurnRecord(0, 5, (1, 2), (3,), (-0.5,), 1.0)
+    b = batch_lib.pack_turns([record], pad_id=0, length=8, num_rows=2, turns_per_trajectory={5: 3})
+    assert b.turns_in_trajectory.tolist() == [3, 0]
+    with pytest.raises(ValueError, match="more than the row length"):
+        batch_lib.pack_turns([record], pad_id=0, length=2, num_rows=2)
 
 
 # ----------------------------------------------------------------------------- weights, clip, KL
@@ -538,7 +551,7 @@ def test_accumulated_microbatch_gradients_equal_full_batch(tiny_policy, tiny_bat
         config = loss.LossConfig(**{**vars(base), "aggregation": mode})
         inputs = loss.make_loss_inputs(b, adv, old, ref, config)
         full = loss.accumulate_gradients(value_and_grad, params, [inputs])
-        accumulated = loss.accumulate_gradients(value_and_grad, params, batch_lib.split_microbatches(inputs, 3))
+        accumulated = loss.accumulate_gradients(value_and_grad, params, [batch_lib.microbatch(batch_lib.stack_microbatches(inputs, 3), i) for i in range(3)])
         assert bool(full.is_finite) and bool(accumulated.is_finite)
         np.testing.assert_allclose(accumulated.loss, full.loss, rtol=1e-5, atol=1e-7)
         for acc, one in zip(jax.tree.leaves(accumulated.grads), jax.tree.leaves(full.grads)):
@@ -555,7 +568,7 @@ def test_accumulated_microbatch_gradients_equal_full_batch(tiny_policy, tiny_bat
 
     assert value_and_grad._cache_size() == 2  # one compilation per shape: full batch and micro-batch
 
-    poisoned = batch_lib.split_microbatches(inputs, 3)
+    poisoned = [batch_lib.microbatch(batch_lib.stack_microbatches(inputs, 3), i) for i in range(3)]
     poisoned[1] = loss.LossInputs(**{**vars(poisoned[1]), "old_logprobs": poisoned[1].old_logprobs * jnp.nan})
     assert not bool(loss.accumulate_gradients(value_and_grad, params, poisoned).is_finite)
     assert value_and_grad._cache_size() == 2

@@ -101,6 +101,20 @@ def test_group_sampling_is_reproducible_and_seeded(sampler):
     np.testing.assert_allclose(np.array(alone.logprobs), np.array(first.logprobs[:8]), atol=1e-6)
 
 
+def test_sample_ids_make_a_sample_independent_of_its_batch(sampler):
+    """With stable sample ids, a sample is the same whatever else shares its call (how rollouts split
+    over processes), and the default ids are the positions in the call."""
+    kwargs = dict(max_new_tokens=16, temperature=1.0, seed=3)
+    both = sampler.generate(PROMPTS[:2], n=2, sample_ids=[40, 41, 90, 91], **kwargs)
+    second_alone = sampler.generate(PROMPTS[1:2], n=2, sample_ids=[90, 91], **kwargs)
+    assert second_alone.tokens == both.tokens[2:]
+    np.testing.assert_allclose(np.array(second_alone.logprobs), np.array(both.logprobs[2:]), atol=1e-6)
+    assert sampler.generate(PROMPTS[:2], n=2, sample_ids=[0, 1, 2, 3], **kwargs) == \
+        sampler.generate(PROMPTS[:2], n=2, **kwargs)
+    with pytest.raises(ValueError, match="distinct ids"):
+        sampler.generate(PROMPTS[:2], n=2, sample_ids=[1, 1, 2, 3], **kwargs)
+
+
 def test_greedy_group_samples_equal_single_greedy(sampler):
     single = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0)
     group = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0, n=8, seed=5)

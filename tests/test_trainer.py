@@ -7,78 +7,47 @@ import os
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
+from tiny_run import build_tiny_run, make_config
 
 from agentflow_jax import train as train_lib
-from agentflow_jax.agent import prompts
 from agentflow_jax.agent.memory import Memory
 from agentflow_jax.config_reader import ConfigError
 from agentflow_jax.experiment import read_experiment
-from agentflow_jax.models import config as model_config
-from agentflow_jax.models import hf_io, qwen2
-from agentflow_jax.models.tokenizer import SentencePieceTokenizer, load_tokenizer
+from agentflow_jax.models import hf_io
+from agentflow_jax.models.tokenizer import load_tokenizer
 from agentflow_jax.optim import make_optimizer
 from agentflow_jax.rl import loss as loss_lib
 from agentflow_jax.rl.batch import TurnRecord
-from agentflow_jax.rl.trainer import FlowGRPOTrainer, trajectory_minibatches
-from agentflow_jax.tools import build_toolbox
-
-QUERIES = [{"pid": f"q{i}", "query": f"What is {i} plus {i + 3}?", "answer": str(2 * i + 3), "kind": "exact"}
-           for i in range(12)]
+from agentflow_jax.rl.logprobs import token_logprobs
+from agentflow_jax.rl.trainer import FlowGRPOTrainer, minibatch_split
 
 
 def _record(query_id, trajectory_id, reward=1.0):
     return TurnRecord(query_id, trajectory_id, (1, 2), (3,), (-0.5,), reward)
 
 
-def test_minibatches_hold_whole_trajectories():
+def test_minibatches_hold_whole_trajectories_or_row_chunks_and_split_alike_over_processes():
     records = [_record(0, 0), _record(0, 0), _record(0, 1), _record(1, 2), _record(1, 2), _record(1, 2),
                _record(1, 3)]
-    groups = trajectory_minibatches(records, 2)
-    assert [g.tolist() for g in groups] == [[0, 1, 2], [3, 4, 5, 6]]
-    assert [g.tolist() for g in trajectory_minibatches(records, 10)] == [[0, 1], [2], [3, 4, 5], [6]]
+    split = lambda rs, **kw: [g.tolist() for g in minibatch_split(rs, **kw)]  # noqa: E731
+    assert split(records, num_minibatches=2) == [[0, 1, 2], [3, 4, 5, 6]]
+    assert split(records, num_minibatches=6) == [[0, 1], [2], [3, 4, 5], [6]]  # at most one per trajectory
+    assert split(records, num_minibatches=1, minibatch_rows=3) == [[0, 1, 2], [3, 4, 5], [6]]
+    # Two processes holding trajectories {0, 1} and {2, 3}: each gets its part of the same chunks.
+    first, second = records[:3], records[3:]
+    for kw in (dict(num_minibatches=2), dict(num_minibatches=3), dict(num_minibatches=1, minibatch_rows=2)):
+        total = 4 if "minibatch_rows" not in kw else 7
+        a = split(first, unit_offset=0, total_units=total, **kw)
+        b = split(second, unit_offset=2 if total == 4 else 3, total_units=total, **kw)
+        assert len(a) == len(b) == len(split(records, **kw))
+        assert [x + [i + 3 for i in y] for x, y in zip(a, b)] == split(records, **kw)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A model directory (random tiny Qwen2 + SentencePiece tokenizer) and train/eval query files."""
-    root = tmp_path_factory.mktemp("tiny_run")
-    toolbox = build_toolbox(["generalist"], engine=object())
-    texts = [m["content"] for q in QUERIES for m in prompts.build_planner_prompt(
-        Memory(q["query"]), toolbox, step=1, max_steps=2, compact_tools=True)]
-    tokenizer = SentencePieceTokenizer.train(texts * 3, vocab_size=400, model_path=root / "tokenizer.model")
-    config = model_config.Qwen2Config(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
-                               num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
-    hf_io.save_pretrained(qwen2.init_random(config, seed=0), root / "model")
-    for name, rows in (("train.jsonl", QUERIES), ("eval.jsonl", QUERIES[:4])):
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
-
-
-def make_config(root, workdir, *, steps=3, learning_rate=1e-3):
-    """A whole training config of the tiny run (every section spelt out, as a user's file would)."""
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.workdir = str(workdir)
-    c.mesh = {}
-    c.model = dict(path=str(root / "model"), tokenizer=str(root / "tokenizer.model"), dtype="float32",
-                   param_dtype="float32", remat=False, max_cache_length=1024)
-    c.data = dict(train_path=str(root / "train.jsonl"), eval_path=str(root / "eval.jsonl"), batch_size=2)
-    c.tools = ml_collections.ConfigDict(dict(names=("generalist",),
-                                             settings=dict(call_timeout_s=30.0, generalist={"max_new_tokens": 4})))
-    c.rollout = dict(max_turns=2, max_time_s=600.0, planner_temperature=1.0, planner_top_p=1.0,
-                     planner_max_new_tokens=6, frozen_max_new_tokens=4, memory_budget_chars=400, compact_tools=True)
-    c.rl = ml_collections.ConfigDict(dict(group_size=3, estimator="grpo", grouping="trajectory", ppo_epochs=1,
-                                          num_minibatches=2, micro_batch_rows=4, length_bucket=64,
-                                          loss=dict(kl_coef=0.001, aggregation="flow")))
-    c.optim = dict(learning_rate=learning_rate, b1=0.9, b2=0.999, weight_decay=0.01, grad_clip=1.0, warmup_steps=0)
-    c.train = dict(steps=steps, save_every=1, keep_checkpoints=5, log_trajectories=2, progress_bar=False,
-                   export_hf=False)
-    c.eval = dict(every=100, num_queries=2, batch_size=2, planner_temperature=0.0, max_turns=2, max_time_s=600.0,
-                  at_start=False)
-    return c
+    return build_tiny_run(tmp_path_factory.mktemp("tiny_run"))
 
 
 DETERMINISTIC = ("reward", "accuracy", "turns", "planner_calls", "planner_tokens", "loss", "kl", "ratio_mean",
@@ -180,8 +149,10 @@ def test_kl_in_reward_advantages_equal_the_whole_step_advantages_for_any_minibat
     # A policy that differs from the reference, so the KL penalties are not zero.
     one.state = one.state.replace(params=jax.tree.map(lambda x: x * 4.0, one.state.params))
     whole = one.prepare_minibatches(records)
-    penalties = loss_lib.kl_reward_penalties(whole[0].old_logprobs, one._batched_logprobs(one.ref_params, whole[0].batch),
-                                             whole[0].batch.loss_mask, one.config.loss)[:len(records)]
+    b = whole[0].batch
+    policy, reference = (token_logprobs(one.graphdef, p, b.input_ids, b.attention_mask, b.targets,
+                                        temperature=one.config.loss.temperature)[0] for p in (one.params, one.ref_params))
+    penalties = loss_lib.kl_reward_penalties(policy, reference, b.loss_mask, one.config.loss)[:len(records)]
     assert np.abs(penalties).max() > 0.05
     by_trajectory = {}
     for record, penalty in zip(records, penalties):
@@ -208,7 +179,6 @@ def test_kl_in_reward_advantages_equal_the_whole_step_advantages_for_any_minibat
 
 def test_planner_calls_without_token_ids_are_refused():
     from agentflow_jax.agent import modules
-    from agentflow_jax.agent.memory import Memory
     from agentflow_jax.agent.rollout import PlannerCall, Trajectory, TurnLog
     from agentflow_jax.rl.trainer import turn_records
     from agentflow_jax.tools.base import ToolResult

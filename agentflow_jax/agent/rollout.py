@@ -40,9 +40,10 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
 
-    def request(self, messages: Sequence[Any]) -> GenerationRequest:
+    def request(self, messages: Sequence[Any], sample_id: int | None = None) -> GenerationRequest:
         return GenerationRequest(messages=tuple(messages), max_new_tokens=self.max_new_tokens,
-                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+                                 temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                                 sample_id=sample_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +188,7 @@ def _texts(engine: Engine, requests: list[GenerationRequest]) -> list[Generation
 
 def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: Engine | FrozenEngines,
                   toolbox: Toolbox, config: RolloutConfig = RolloutConfig(), observer: Observer | None = None,
-                  clock: Callable[[], float] = time.monotonic) -> list[Trajectory]:
+                  first_sample_id: int = 0, clock: Callable[[], float] = time.monotonic) -> list[Trajectory]:
     """Runs `n` trajectories for every query, all stepping together.
 
     Args:
@@ -198,6 +199,11 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
       toolbox: the tools; their failures become turn results.
       config: limits and sampling parameters.
       observer: called with each `RolloutEvent` as it happens (from this thread).
+      first_sample_id: the requests of trajectory i (planner, executor, verifier, generator) carry
+        sample id first_sample_id + i, from which an in-process engine draws its randomness
+        (`GenerationRequest.sample_id`): a process that rolls out its share of a global batch passes
+        the index of its first trajectory there, so each trajectory samples the same tokens however
+        the batch is split.
       clock: seconds, monotonic (injectable for tests).
     Returns:
       len(queries) * n trajectories, grouped by query (query 0's n samples first).
@@ -221,8 +227,8 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
         if not active:
             break
         stepped = _run_turn([trajectories[i] for i in active], turn, planner=planner, engines=engines,
-                            toolbox=toolbox, config=config, notify=lambda kind, j, data: notify(
-                                RolloutEvent(kind, active[j], turn, data)))
+                            toolbox=toolbox, config=config, sample_ids=[first_sample_id + i for i in active],
+                            notify=lambda kind, j, data: notify(RolloutEvent(kind, active[j], turn, data)))
         elapsed = clock() - start
         for i, traj in zip(active, stepped):
             if not traj.done and elapsed >= config.max_time_s:
@@ -231,8 +237,8 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
                 traj = dataclasses.replace(traj, stop_reason="max_turns")
             trajectories[i] = traj
     finals = _texts(engines.generator, [config.generator.request(
-        prompts.build_generator_prompt(t.memory, memory_budget_chars=config.memory_budget_chars))
-        for t in trajectories])
+        prompts.build_generator_prompt(t.memory, memory_budget_chars=config.memory_budget_chars), first_sample_id + i)
+        for i, t in enumerate(trajectories)])
     elapsed = clock() - start
     finished = [dataclasses.replace(t, generator_text=g.text, answer=modules.parse_generator_output(g.text).answer,
                                     elapsed_s=elapsed) for t, g in zip(trajectories, finals)]
@@ -242,13 +248,15 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
 
 
 def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, engines: FrozenEngines,
-              toolbox: Toolbox, config: RolloutConfig, notify: Callable[[str, int, Any], None]) -> list[Trajectory]:
+              toolbox: Toolbox, config: RolloutConfig, sample_ids: Sequence[int],
+              notify: Callable[[str, int, Any], None]) -> list[Trajectory]:
     """One turn for every given (active) trajectory: plan, execute, run tools, verify; `notify(kind, j,
     data)` reports each step of trajectory j as it completes."""
     planner_messages = [prompts.build_planner_prompt(
         t.memory, toolbox, step=turn, max_steps=config.max_turns, memory_budget_chars=config.memory_budget_chars,
         compact_tools=config.compact_tools) for t in trajectories]
-    planned = _texts(planner, [config.planner.request(m) for m in planner_messages])
+    planned = _texts(planner, [config.planner.request(m, sample_id) for m, sample_id in zip(planner_messages,
+                                                                                            sample_ids)])
     calls = [PlannerCall(messages=m, text=g.text, step=modules.parse_planner_output(g.text, toolbox),
                          prompt_ids=g.prompt_ids, token_ids=g.token_ids, logprobs=g.logprobs,
                          finish_reason=g.finish_reason) for m, g in zip(planner_messages, planned)]
@@ -262,7 +270,7 @@ def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, eng
     results: list[ToolResult | None] = [None] * len(calls)
     exec_out = _texts(engines.executor, [config.executor.request(prompts.build_executor_prompt(
         trajectories[i].memory.query, calls[i].step.sub_goal, toolbox.find(calls[i].step.tool_name).metadata,
-        calls[i].step.context)) for i in runnable])
+        calls[i].step.context), sample_ids[i]) for i in runnable])
     for i, g in zip(runnable, exec_out):
         executor_texts[i] = g.text
         parsed = modules.parse_executor_output(g.text, expected_tool=calls[i].step.tool_name)
@@ -285,8 +293,8 @@ def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, eng
                                   command=cmd if cmd is not None else "", result=r.as_text(), ok=r.ok)
                 for t, c, cmd, r in zip(trajectories, calls, commands, results)]
     verdicts = _texts(engines.verifier, [config.verifier.request(prompts.build_verifier_prompt(
-        m, toolbox, memory_budget_chars=config.memory_budget_chars, compact_tools=config.compact_tools))
-        for m in memories])
+        m, toolbox, memory_budget_chars=config.memory_budget_chars, compact_tools=config.compact_tools), sample_id)
+        for m, sample_id in zip(memories, sample_ids)])
     out = []
     for t, m, c, et, cmd, r, v in zip(trajectories, memories, calls, executor_texts, commands, results, verdicts):
         stop = modules.parse_verifier_output(v.text).stop

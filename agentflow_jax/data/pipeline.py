@@ -7,11 +7,12 @@ lists of dicts with `query` (or `question`), `answer` (a string, a number, or a 
 (e.g. "qtype" and "tools", which evaluation breaks metrics down by, or "choices") is kept as it
 is. Rows without an answer or a query are skipped and counted, never silently dropped.
 
-The iterator is built on grain's `MapDataset`: every process takes its own shard, shuffles it
-with the seed (a new order each epoch), repeats, and yields lists of records (queries are
-strings, so nothing is stacked). Its `get_state()`/`set_state()` restore the exact position,
-so a resumed run sees exactly the batches an uninterrupted one would have seen; save it with
-`agentflow_jax.checkpoint.TrainCheckpointer` (`data_iterator=`).
+The iterator is built on grain's `MapDataset`: the records are shuffled with the seed (a new order
+each epoch), repeated and cut into global batches, the same on every process; each process then
+keeps its own contiguous share of every global batch (its shard). So the global batch of step s
+does not depend on how many processes read it, and the iterator's state (`get_state()`, the
+global position) is the same on every process: a run resumes exactly, also on another number of
+processes (`agentflow_jax.checkpoint.TrainCheckpointer` saves it).
 """
 
 from __future__ import annotations
@@ -154,24 +155,6 @@ def _describe(source: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def shard_dataset(records: Sequence[QueryRecord], shard_index: int, shard_count: int) -> grain.MapDataset:
-    """This process's shard: records `shard_index, shard_index + shard_count, ...`.
-
-    Every shard gets the same number of records (the last `len % shard_count` records are left
-    out), so all processes run the same number of steps per epoch.
-    """
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-    usable = len(records) - len(records) % shard_count
-    if usable == 0:
-        raise ValueError(f"{len(records)} training queries cannot feed {shard_count} shards; "
-                         "add data or run on fewer processes")
-    if usable < len(records):
-        _log.info("leaving out the last %d of %d queries so %d shards are equal",
-                  len(records) - usable, len(records), shard_count)
-    return grain.MapDataset.source(list(records))[shard_index:usable:shard_count]
-
-
 def _copy_batch(records: Sequence[QueryRecord]) -> list[QueryRecord]:
     return [dict(record) for record in records]
 
@@ -180,15 +163,16 @@ def make_query_iterator(source: QueryDataset | str | os.PathLike | Iterable[Mapp
                         batch_size: int, seed: int, shuffle: bool = True, num_epochs: int | None = None,
                         shard_index: int | None = None, shard_count: int | None = None,
                         drop_remainder: bool = False) -> grain.DatasetIterator:
-    """A checkpointable iterator over batches (lists) of training-query dicts.
+    """A checkpointable iterator over this process's share of global batches (lists) of query dicts.
 
     Args:
       source: a `QueryDataset`, or anything `load_queries` reads.
-      batch_size: records per batch on this process.
+      batch_size: records per global batch (all processes together); each process gets
+        batch_size / shard_count of them.
       seed: shuffle seed (use the same seed on every process); each epoch is shuffled anew.
       shuffle: False keeps source order (evaluation, debugging).
       num_epochs: None repeats forever; batches run across epoch boundaries either way.
-      shard_index, shard_count: this process's shard; default `jax.process_index()` and
+      shard_index, shard_count: this process's share of each batch; default `jax.process_index()` and
         `jax.process_count()`.
       drop_remainder: drop a final short batch (only matters when `num_epochs` is finite).
 
@@ -203,8 +187,18 @@ def make_query_iterator(source: QueryDataset | str | os.PathLike | Iterable[Mapp
     dataset = source if isinstance(source, QueryDataset) else load_queries(source)
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
-    queries = shard_dataset(dataset.records, shard_index, shard_count)
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    if batch_size % shard_count:
+        raise ValueError(f"a batch of {batch_size} queries cannot be shared by {shard_count} processes; make the "
+                         f"batch size a multiple of {shard_count}")
+    if not dataset.records:
+        raise ValueError("no training queries to iterate over")
+    share = batch_size // shard_count
+    mine = slice(shard_index * share, (shard_index + 1) * share)
+    queries = grain.MapDataset.source(list(dataset.records))
     if shuffle:
         queries = queries.shuffle(seed=seed)
-    queries = queries.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder, batch_fn=_copy_batch)
+    queries = (queries.repeat(num_epochs).batch(batch_size, drop_remainder=drop_remainder, batch_fn=_copy_batch)
+               .map(lambda batch: batch[mine]))
     return iter(queries.to_iter_dataset(_IN_MEMORY_READ))

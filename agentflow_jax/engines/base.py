@@ -22,6 +22,9 @@ class GenerationRequest:
       temperature: 0 means greedy.
       top_p: nucleus mass kept (1.0 keeps everything).
       top_k: keep the k most likely tokens (0 disables).
+      sample_id: a stable id of this sample (e.g. its trajectory's index in the global batch) from
+        which an in-process engine draws its randomness, so a sample does not depend on which other
+        requests share its batch or on the process that runs it; None: its position in the call.
     """
 
     messages: tuple[Message, ...]
@@ -29,6 +32,7 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    sample_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

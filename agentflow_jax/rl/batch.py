@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import Sequence, TypeVar
+from typing import Mapping, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -82,8 +82,9 @@ class TrainBatch:
         return self.input_ids.shape[1]
 
 
-def pack_turns(records: Sequence[TurnRecord], *, pad_id: int, length_bucket: int = 128,
-               row_bucket: int = 1) -> TrainBatch:
+def pack_turns(records: Sequence[TurnRecord], *, pad_id: int, length_bucket: int = 128, row_bucket: int = 1,
+               length: int | None = None, num_rows: int | None = None,
+               turns_per_trajectory: Mapping[int, int] | None = None) -> TrainBatch:
     """Packs planner calls into a `TrainBatch`.
 
     Args:
@@ -91,20 +92,27 @@ def pack_turns(records: Sequence[TurnRecord], *, pad_id: int, length_bucket: int
       pad_id: token id used for padding (never attended, never a loss target).
       length_bucket: T is the longest row rounded up to a multiple of this (few distinct shapes).
       row_bucket: B is the number of records rounded up to a multiple of this with inert rows.
+      length, num_rows: T and B exactly (e.g. agreed by every process of a run), instead of the
+        buckets; then `records` may be empty (a batch of padding rows).
+      turns_per_trajectory: each trajectory's number of planner calls in the whole step (default:
+        counted among `records`), for the "flow" aggregation.
     Raises:
-      ValueError: no records, an empty prompt or response, log-probs of the wrong length, or a
-        trajectory whose calls disagree on query or reward.
+      ValueError: no records (without explicit sizes), an empty prompt or response, log-probs of the
+        wrong length, a trajectory whose calls disagree on query or reward, or records that do not
+        fit `length` / `num_rows`.
     """
-    if not records:
-        raise ValueError("pack_turns needs at least one TurnRecord")
+    if not records and (length is None or num_rows is None):
+        raise ValueError("pack_turns needs at least one TurnRecord (or explicit length and num_rows)")
     if length_bucket < 1 or row_bucket < 1:
         raise ValueError(f"length_bucket and row_bucket must be >= 1, got {length_bucket} and {row_bucket}")
     for index, record in enumerate(records):
         _check_record(index, record)
-    turns = _turns_per_trajectory(records)
+    turns = dict(_turns_per_trajectory(records))
+    turns.update(turns_per_trajectory or {})
 
-    length = _round_up(max(len(r.prompt_ids) + len(r.response_ids) for r in records), length_bucket)
-    rows = _round_up(len(records), row_bucket)
+    if length is None:
+        length = _round_up(max(len(r.prompt_ids) + len(r.response_ids) for r in records), length_bucket)
+    rows = _round_up(len(records), row_bucket) if num_rows is None else num_rows
     packed = pack_sequences([r.prompt_ids for r in records], [r.response_ids for r in records], pad_id=pad_id,
                             length=length, rows=rows)
     sampler_logprobs = np.zeros((rows, length), np.float32)
@@ -163,8 +171,9 @@ def pack_sequences(prompts: Sequence[Sequence[int]], responses: Sequence[Sequenc
     return PackedSequences(input_ids, attention_mask, targets, loss_mask)
 
 
-def split_microbatches(batch: Rows, n: int) -> list[Rows]:
-    """Splits every array of a pytree (e.g. `TrainBatch`, `loss.LossInputs`) into n equal row slices.
+def stack_microbatches(batch: Rows, n: int) -> Rows:
+    """Every array of a pytree (e.g. `TrainBatch`, `loss.LossInputs`) [B, ...] as [n, B / n, ...]:
+    n micro-batches of consecutive rows on a new leading axis (`microbatch(stacked, i)` is one).
 
     Micro-batches share one shape, so a jitted step compiles once. Pad rows with
     `pack_turns(..., row_bucket=...)` when B is not a multiple of n.
@@ -179,8 +188,12 @@ def split_microbatches(batch: Rows, n: int) -> list[Rows]:
     if num_rows % n:
         raise ValueError(f"{num_rows} rows do not split into {n} equal micro-batches; "
                          f"build the batch with pack_turns(..., row_bucket={n}) (or a multiple of it)")
-    size = num_rows // n
-    return [jax.tree.map(lambda x, start=i * size: x[start:start + size], batch) for i in range(n)]
+    return jax.tree.map(lambda x: x.reshape((n, num_rows // n) + x.shape[1:]), batch)
+
+
+def microbatch(stacked: Rows, index: int) -> Rows:
+    """Micro-batch `index` of a `stack_microbatches` pytree."""
+    return jax.tree.map(lambda x: x[index], stacked)
 
 
 def _check_record(index: int, record: TurnRecord) -> None:

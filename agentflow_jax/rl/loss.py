@@ -122,27 +122,45 @@ class LossInputs:
     ref_logprobs: Array | None
 
 
-def token_weights(batch: TrainBatch, mode: str, *, norm_length: int = 2048) -> np.ndarray:
+@dataclasses.dataclass(frozen=True)
+class WeightTotals:
+    """The counts the aggregation divides by, over a whole optimizer batch (all processes): loss
+    tokens, rows with loss tokens, trajectories with loss tokens."""
+
+    tokens: float
+    rows: float
+    trajectories: float
+
+    @classmethod
+    def of(cls, batch: TrainBatch) -> "WeightTotals":
+        """The counts of one packed batch (on one process)."""
+        tokens_per_row = batch.loss_mask.sum(axis=1)
+        return cls(tokens=float(batch.loss_mask.sum()), rows=float(np.count_nonzero(tokens_per_row)),
+                   trajectories=float(len(np.unique(batch.trajectory_id[tokens_per_row > 0]))))
+
+
+def token_weights(batch: TrainBatch, mode: str, *, norm_length: int = 2048,
+                  totals: WeightTotals | None = None) -> np.ndarray:
     """Each token's weight in the full-batch loss, [B, T] float32 (0 off the loss mask); see module docstring.
 
-    `batch` must be the rows of one optimizer update, before splitting into micro-batches.
+    `batch` must be the rows of one optimizer update, before splitting into micro-batches; when
+    they are one process's share of it, `totals` are the whole update's counts (default: `batch`'s).
     """
     mask = batch.loss_mask.astype(np.float64)
     tokens_per_row = mask.sum(axis=1)
-    num_rows = np.count_nonzero(tokens_per_row)
-    if num_rows == 0:
+    totals = WeightTotals.of(batch) if totals is None else totals
+    if totals.tokens == 0:
         raise ValueError("the batch has no loss tokens")
     if mode == "token-mean":
-        row_denominator = np.full_like(tokens_per_row, mask.sum())
+        row_denominator = np.full_like(tokens_per_row, totals.tokens)
     elif mode == "flow":
-        num_trajectories = len(np.unique(batch.trajectory_id[tokens_per_row > 0]))
-        row_denominator = num_trajectories * batch.turns_in_trajectory * tokens_per_row
+        row_denominator = totals.trajectories * batch.turns_in_trajectory * tokens_per_row
     elif mode == "seq-mean-token-mean":
-        row_denominator = num_rows * tokens_per_row
+        row_denominator = totals.rows * tokens_per_row
     elif mode == "seq-mean-token-sum":
-        row_denominator = np.full_like(tokens_per_row, num_rows)
+        row_denominator = np.full_like(tokens_per_row, totals.rows)
     elif mode == "seq-mean-token-sum-norm":
-        row_denominator = np.full_like(tokens_per_row, num_rows * norm_length)
+        row_denominator = np.full_like(tokens_per_row, totals.rows * norm_length)
     else:
         raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATIONS}")
     row_scale = np.divide(1.0, row_denominator, out=np.zeros_like(row_denominator), where=tokens_per_row > 0)
@@ -150,7 +168,7 @@ def token_weights(batch: TrainBatch, mode: str, *, norm_length: int = 2048) -> n
 
 
 def make_loss_inputs(batch: TrainBatch, advantages: np.ndarray, old_logprobs: Any, ref_logprobs: Any | None,
-                     config: LossConfig) -> LossInputs:
+                     config: LossConfig, totals: WeightTotals | None = None) -> LossInputs:
     """Assembles `LossInputs` for one optimizer batch, with token weights of `config.aggregation`.
 
     Args:
@@ -158,13 +176,15 @@ def make_loss_inputs(batch: TrainBatch, advantages: np.ndarray, old_logprobs: An
       advantages: [B] per row (`advantages.compute_advantages`; 0 on padding rows).
       old_logprobs, ref_logprobs: [B, T] from `logprobs.token_logprobs` (policy before the update,
         frozen reference); ref_logprobs may be None when kl_coef is 0.
+      totals: the whole update's counts when `batch` is one process's share (`token_weights`).
+    Returns host (numpy) arrays; the trainer places them on its mesh.
     """
     if config.kl_in_loss and ref_logprobs is None:
         raise ValueError(f"kl_coef={config.kl_coef} puts a KL term in the loss: pass reference log-probs")
-    weights = token_weights(batch, config.aggregation, norm_length=config.norm_length)
-    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
-    return LossInputs(input_ids=jnp.asarray(batch.input_ids), attention_mask=jnp.asarray(batch.attention_mask),
-                      targets=jnp.asarray(batch.targets), loss_mask=f32(batch.loss_mask), token_weights=f32(weights),
+    weights = token_weights(batch, config.aggregation, norm_length=config.norm_length, totals=totals)
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    return LossInputs(input_ids=np.asarray(batch.input_ids), attention_mask=np.asarray(batch.attention_mask),
+                      targets=np.asarray(batch.targets), loss_mask=f32(batch.loss_mask), token_weights=f32(weights),
                       advantages=f32(advantages), old_logprobs=f32(old_logprobs),
                       sampler_logprobs=f32(batch.sampler_logprobs),
                       ref_logprobs=None if ref_logprobs is None else f32(ref_logprobs))
@@ -247,12 +267,20 @@ def policy_loss_from_logprobs(logp: Array, entropy: Array, inputs: LossInputs,
         raise ValueError(f"kl_coef={config.kl_coef} puts a KL term in the loss, but inputs.ref_logprobs is None")
     if config.entropy_coef == 0:
         entropy = jax.lax.stop_gradient(entropy)
+    # Values off the loss mask are selected away before any arithmetic (a NaN there, e.g. in a
+    # reference log-prob of a padding position, must not reach the loss or its gradient).
+    on_mask = inputs.loss_mask > 0
+    select = lambda x: jnp.where(on_mask, x, 0.0)  # noqa: E731
+    logp, entropy = select(logp), select(entropy)
+    inputs = dataclasses.replace(inputs, old_logprobs=select(inputs.old_logprobs),
+                                 sampler_logprobs=select(inputs.sampler_logprobs), token_weights=select(inputs.token_weights),
+                                 ref_logprobs=None if inputs.ref_logprobs is None else select(inputs.ref_logprobs))
     objective = clipped_policy_loss(logp, inputs.old_logprobs, inputs.advantages, config)
     kl = None if inputs.ref_logprobs is None else kl_divergence(logp, inputs.ref_logprobs, config)
     per_token = objective.loss - config.entropy_coef * entropy
     if config.kl_in_loss:
         per_token = per_token + config.kl_coef * kl
-    loss = jnp.sum(inputs.token_weights * per_token)
+    loss = jnp.sum(jnp.where(on_mask, inputs.token_weights * per_token, 0.0))
     return loss, loss_metrics(inputs, logp, entropy, kl, objective)
 
 

@@ -18,6 +18,8 @@ evaluation live in `train.py`.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -27,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
 
+from agentflow_jax import distributed, sharding
 from agentflow_jax.agent.rollout import FrozenEngines, RolloutConfig, Trajectory, rollout_batch
 from agentflow_jax.config_reader import check_fields, setting
 from agentflow_jax.engines import Engine
@@ -35,7 +39,7 @@ from agentflow_jax.engines.jax_engine import JaxEngine
 from agentflow_jax.models.tokenizer import Tokenizer
 from agentflow_jax.rl import advantages as advantages_lib
 from agentflow_jax.rl import loss as loss_lib
-from agentflow_jax.rl.batch import TrainBatch, TurnRecord, pack_turns, split_microbatches
+from agentflow_jax.rl.batch import TrainBatch, TurnRecord, microbatch, pack_turns, stack_microbatches
 from agentflow_jax.rl.logprobs import token_logprobs
 from agentflow_jax.rl.rewards import LLMJudge, score_trajectories
 from agentflow_jax.sampling import Sampler
@@ -52,8 +56,13 @@ class TrainerConfig:
       estimator, grouping: advantage estimator and grouping (`rl.advantages`).
       loss: the Flow-GRPO loss configuration; its temperature must equal the planner's.
       ppo_epochs: passes over the step's data.
-      num_minibatches: optimizer updates per epoch; each holds whole trajectories.
-      micro_batch_rows: rows per gradient micro-batch (rows are padded to a multiple of it).
+      num_minibatches: optimizer updates per epoch, each holding whole trajectories (whole GRPO
+        groups when there are at least as many queries as mini-batches).
+      minibatch_rows: when > 0, mini-batches are instead consecutive chunks of this many rows
+        (planner calls) over all processes, cutting trajectories where they fall, as the reference
+        implementation runs it (its "mini-batch of 64 rows").
+      micro_batch_rows: rows per gradient micro-batch over all processes (each contributes
+        micro_batch_rows / processes); rows are padded to a multiple of it.
       length_bucket: sequence lengths are rounded up to a multiple of this (few compiled shapes).
     """
 
@@ -63,6 +72,7 @@ class TrainerConfig:
     loss: loss_lib.LossConfig = loss_lib.LossConfig()
     ppo_epochs: int = setting(1, min=1)
     num_minibatches: int = setting(1, min=1)
+    minibatch_rows: int = setting(0, min=0)
     micro_batch_rows: int = setting(8, min=1)
     length_bucket: int = setting(128, min=1)
 
@@ -75,18 +85,21 @@ FROZEN_ROLES = ("analysis", "executor", "verifier", "generator", "tools")
 
 
 class MiniBatch(NamedTuple):
-    """One optimizer update's rows: packed planner calls, [B] advantages (0 on padding rows), the
-    pre-update policy's and the reference's log-probs [B, T] (None without a KL term in the loss)."""
+    """One optimizer update: its loss inputs stacked into micro-batches ([M, R, ...] device arrays,
+    rows sharded over the mesh's batch axes), and this process's share of it on the host: the
+    packed rows, each row's advantage, and the pre-update policy's and the reference's log-probs
+    ([B, T] numpy, B = M x R / processes; the reference's None without a KL term in the loss)."""
 
+    inputs: loss_lib.LossInputs
     batch: TrainBatch
     advantages: np.ndarray
-    old_logprobs: jax.Array
-    ref_logprobs: jax.Array | None
+    old_logprobs: np.ndarray
+    ref_logprobs: np.ndarray | None
 
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What one step did: its trajectories, their rewards and the metrics to log."""
+    """What one step did: this process's trajectories and rewards, and the run's metrics."""
 
     trajectories: list[Trajectory]
     rewards: np.ndarray
@@ -96,11 +109,16 @@ class StepResult:
 class FlowGRPOTrainer:
     """The run's `TrainState`, the frozen reference parameters and the compiled functions of one run.
 
+    On a mesh, the parameters, the optimizer state and the update's arrays live in the training
+    layout (`rules`, e.g. FSDP), and each process samples its own rollouts with the policy (and the
+    reference, when it serves frozen roles) moved to the sampling layout (`sampling_rules`) on this
+    process's devices (`distributed.local_mesh`), once per step, on device.
+
     Args:
       graphdef: `nnx.split(model)[0]` of the planner model.
-      params: initial policy parameters (also the frozen reference).
+      params: initial policy parameters (also the frozen reference), placed on `mesh` by `rules`.
       tokenizer: the model's tokenizer (chat template, stop ids, pad id).
-      toolbox_factory: `engine -> Toolbox`, called once with the frozen engine (the tools' LLM).
+      toolbox_factory: `engine -> Toolbox`, called once with the tools' engine.
       optimizer: an optax transformation (`optim.make_optimizer`).
       config: `TrainerConfig`; its loss temperature must be the planner's sampling temperature.
       rollout: loop limits and per-module sampling.
@@ -111,23 +129,41 @@ class FlowGRPOTrainer:
         the reference parameters through the policy's compiled sampler.
       judge: scores queries of kind "judge" (`rewards.LLMJudge`); None when there are none.
       data_iterator: the training data's iterator, kept in the state for checkpoints.
+      mesh: the device mesh of every process (None: one device).
+      rules, sampling_rules: logical-axis rules (tables or preset names) of training and sampling.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *, tokenizer: Tokenizer, toolbox_factory,
                  optimizer: optax.GradientTransformation, config: TrainerConfig, rollout: RolloutConfig,
                  max_cache_length: int = 4096, seed: int = 0,
                  frozen_engines: Engine | Mapping[str, Engine | None] | None = None,
-                 judge: LLMJudge | None = None, data_iterator: Any = None):
+                 judge: LLMJudge | None = None, data_iterator: Any = None, mesh: Mesh | None = None,
+                 rules: sharding.Rules | str = "training", sampling_rules: sharding.Rules | str = "sampling"):
         if abs(rollout.planner.temperature - config.loss.temperature) > 1e-9 and rollout.planner.temperature > 0:
             raise ValueError(f"loss temperature {config.loss.temperature} must equal the planner's sampling "
                              f"temperature {rollout.planner.temperature} (the ratio compares the same distribution)")
+        processes = jax.process_count()
+        if config.micro_batch_rows % processes:
+            raise ValueError(f"micro_batch_rows={config.micro_batch_rows} must be a multiple of the {processes} "
+                             "processes (each contributes the same share of every micro-batch)")
         self.graphdef, self.config, self.rollout_config = graphdef, config, rollout
         self.tokenizer, self.judge = tokenizer, judge
+        self.mesh = mesh
+        self.rules, self.sampling_rules = sharding.rules_from(rules), sharding.rules_from(sampling_rules)
+        self.sampling_mesh = None if mesh is None else distributed.local_mesh(mesh)
+        self._to_sampling_layout = None if mesh is None else jax.jit(
+            lambda p: p, out_shardings=sharding.state_shardings(params, mesh, self.sampling_rules))
         # A copy: updates donate the policy's buffers, the reference must outlive them.
         self.ref_params = jax.tree.map(jnp.copy, params)
         self.optimizer = optimizer
         self.state = TrainState.create(params, optimizer, seed=seed, data_iterator=data_iterator)
-        self.policy_sampler = Sampler.from_state(graphdef, params, max_cache_length=max_cache_length)
+        if mesh is not None:  # optimizer state sharded like the parameters (Adam's moments mirror them)
+            target = sharding.abstract_opt_state(optimizer, params)
+            self.state = self.state.replace(opt_state=jax.jit(
+                optimizer.init, out_shardings=jax.tree.map(lambda x: x.sharding, target))(params))
+        self.policy_sampler = Sampler.from_state(graphdef, self.sampling_params(params),
+                                                 max_cache_length=max_cache_length, mesh=self.sampling_mesh,
+                                                 rules=self.sampling_rules)
         if not isinstance(frozen_engines, Mapping):
             frozen_engines = dict.fromkeys(FROZEN_ROLES, frozen_engines)
         unknown = sorted(set(frozen_engines) - set(FROZEN_ROLES))
@@ -135,7 +171,8 @@ class FlowGRPOTrainer:
             raise ValueError(f"frozen_engines names unknown role(s) {unknown}; roles: {list(FROZEN_ROLES)}")
         reference = None
         if any(frozen_engines.get(role) is None for role in FROZEN_ROLES):
-            reference = JaxEngine(self.policy_sampler.with_params(self.ref_params), tokenizer, seed=seed + 1)
+            reference = JaxEngine(self.policy_sampler.with_params(self.sampling_params(self.ref_params)), tokenizer,
+                                  seed=seed + 1)
         engines = {role: frozen_engines.get(role) or reference for role in FROZEN_ROLES}
         self.frozen_engines = FrozenEngines(**{role: engines[role] for role in FROZEN_ROLES if role != "tools"})
         self.toolbox: Toolbox = toolbox_factory(engines["tools"])
@@ -153,19 +190,31 @@ class FlowGRPOTrainer:
     def step(self) -> int:
         return self.state.step
 
+    def sampling_params(self, params: nnx.State) -> nnx.State:
+        """`params` in the sampling layout on this process's devices: one reshard on device (weights
+        replicated over the batch axes, so each process holds them whole), then its local copy."""
+        if self.mesh is None:
+            return params
+        moved = self._to_sampling_layout(params)
+        local = sharding.state_shardings(params, self.sampling_mesh, self.sampling_rules)
+        return jax.tree.map(distributed.to_local, moved, local)
+
     def planner_engine(self, *, seed: int) -> JaxEngine:
-        """An engine sampling from the current policy parameters."""
-        self.policy_sampler.update_params(self.state.params)
+        """An engine sampling from the current policy parameters (on this process's devices)."""
+        self.policy_sampler.update_params(self.sampling_params(self.state.params))
         return JaxEngine(self.policy_sampler, self.tokenizer, seed=seed)
 
     # -- one step ---------------------------------------------------------------------------------
 
     def train_step(self, queries: Sequence[Mapping[str, Any]]) -> StepResult:
-        """Rollouts for `queries` (dicts with "query", "answer" and optional "kind"), then updates."""
+        """Rollouts of this process's `queries` (dicts with "query", "answer", optional "kind"), then
+        the update of the whole step's rows (all processes)."""
         start = time.perf_counter()
-        trajectories = rollout_batch([q["query"] for q in queries], n=self.config.group_size,
+        n = self.config.group_size
+        trajectories = rollout_batch([q["query"] for q in queries], n=n,
                                      planner=self.planner_engine(seed=self.state.step_seed()),
-                                     frozen=self.frozen_engines, toolbox=self.toolbox, config=self.rollout_config)
+                                     frozen=self.frozen_engines, toolbox=self.toolbox, config=self.rollout_config,
+                                     first_sample_id=jax.process_index() * len(queries) * n)
         rewards = score_trajectories(trajectories, queries, judge=self.judge)
         rollout_s = time.perf_counter() - start
         records = turn_records(trajectories, rewards)
@@ -176,73 +225,116 @@ class FlowGRPOTrainer:
         return StepResult(trajectories=trajectories, rewards=rewards, metrics=metrics)
 
     def update(self, records: Sequence[TurnRecord]) -> dict[str, float]:
-        """PPO epochs x mini-batches of optimizer updates on the given planner calls."""
-        if not records:
+        """PPO epochs x mini-batches of optimizer updates on the step's planner calls (every process
+        passes its own; all of them update together)."""
+        if not distributed.global_sum(len(records)):
             return {"skipped_updates": 0.0, "updates": 0.0}
-        minibatches = [loss_lib.make_loss_inputs(batch, advantages, old, ref, self.config.loss)
-                       for batch, advantages, old, ref in self.prepare_minibatches(records)]
+        minibatches = self.prepare_minibatches(records)
         parts, skipped, losses = [], 0, []
         params, opt_state = self.state.params, self.state.opt_state
         for _ in range(self.config.ppo_epochs):
-            for inputs in minibatches:
-                micro = split_microbatches(inputs, inputs.input_ids.shape[0] // self.config.micro_batch_rows)
-                acc = loss_lib.accumulate_gradients(self._value_and_grad, params, micro)
-                if bool(acc.is_finite):
+            for minibatch in minibatches:
+                micro = [microbatch(minibatch.inputs, i) for i in range(minibatch.inputs.input_ids.shape[0])]
+                with self._activation_sharding():
+                    acc = loss_lib.accumulate_gradients(self._value_and_grad, params, micro)
+                if distributed.scalar(acc.is_finite):
                     params, opt_state, grad_norm = self._apply(params, opt_state, acc.grads)
                     parts.append(acc.metrics)
-                    losses.append((float(acc.loss), float(grad_norm)))
+                    losses.append((distributed.scalar(acc.loss), distributed.scalar(grad_norm)))
                 else:
                     skipped += 1
         self.state = self.state.replace(params=params, opt_state=opt_state)
         metrics = {"updates": float(len(parts)), "skipped_updates": float(skipped)}
         if parts:
-            metrics.update(loss_lib.finalize_metrics(loss_lib.combine_metrics(parts)))
+            combined = loss_lib.combine_metrics(parts)
+            metrics.update(loss_lib.finalize_metrics({k: distributed.scalar(v) for k, v in combined.items()}))
             metrics["loss"] = float(np.mean([l for l, _ in losses]))
             metrics["grad_norm"] = float(np.mean([g for _, g in losses]))
         return metrics
 
     def prepare_minibatches(self, records: Sequence[TurnRecord]) -> list[MiniBatch]:
-        """The step's mini-batches of whole trajectories: (packed rows, [B] advantages, old and reference
-        log-probs [B, T]).
+        """The step's mini-batches (this process's `records` and every other process's): packed rows
+        placed on the mesh in micro-batches, with advantages and old / reference log-probs.
 
-        Advantages are computed once over the whole step's groups, before the split; with KL in the
-        reward, each record's penalty comes from its mini-batch's old and reference log-probs and
-        the advantages over whole groups are computed from all of them, so a trajectory gets the same
-        advantage however the step is cut.
+        Advantages are computed once over the whole step's groups (a query's trajectories are all on
+        one process), before the split; with KL in the reward, each record's penalty comes from its
+        old and reference log-probs and the advantages over whole groups are computed from all of
+        them, so a trajectory gets the same advantage however the step is cut. Token weights use the
+        whole update's counts over every process.
         """
-        batches = []
-        for indices in trajectory_minibatches(records, self.config.num_minibatches):
+        config, processes = self.config, jax.process_count()
+        splits = self._minibatch_indices(records)
+        turns = collections.Counter(r.trajectory_id for r in records)
+        micro_rows = config.micro_batch_rows // processes
+        shapes = np.zeros((len(splits), 2), np.int64)
+        for k, indices in enumerate(splits):
+            if len(indices):
+                shapes[k] = (len(indices), max(len(records[i].prompt_ids) + len(records[i].response_ids)
+                                               for i in indices))
+        agreed = distributed.allgather(shapes).max(axis=0)  # every process packs the same shapes
+        prepared = []
+        for indices, (rows, length) in zip(splits, agreed):
             batch = pack_turns([records[i] for i in indices], pad_id=self.tokenizer.pad_token_id,
-                               length_bucket=self.config.length_bucket, row_bucket=self.config.micro_batch_rows)
-            old = self._batched_logprobs(self.state.params, batch)
-            ref = self._batched_logprobs(self.ref_params, batch) if self.config.loss.kl_coef > 0 else None
-            batches.append((indices, batch, old, ref))
+                               length=_round_up(int(length), config.length_bucket),
+                               num_rows=_round_up(max(int(rows), 1), micro_rows), turns_per_trajectory=turns)
+            stacked = self._on_mesh(stack_microbatches(
+                (batch.input_ids, batch.attention_mask, batch.targets, batch.loss_mask), batch.num_rows // micro_rows))
+            old = self._stacked_logprobs(self.state.params, stacked)
+            ref = self._stacked_logprobs(self.ref_params, stacked) if config.loss.kl_coef > 0 else None
+            prepared.append((indices, batch, stacked, old, ref))
         penalties = None
-        if self.config.loss.kl_in_reward:
+        if config.loss.kl_in_reward:
             penalties = np.zeros(len(records))
-            for indices, batch, old, ref in batches:
-                penalties[indices] = loss_lib.kl_reward_penalties(old, ref, batch.loss_mask,
-                                                                  self.config.loss)[:len(indices)]
-        advantages = compute_record_advantages(records, self.config, kl_penalties=penalties)
+            for indices, batch, _, old, ref in prepared:
+                penalties[indices] = loss_lib.kl_reward_penalties(old, ref, batch.loss_mask, config.loss)[:len(indices)]
+        advantages = compute_record_advantages(records, config, kl_penalties=penalties) if records else np.zeros(0)
+        totals = [loss_lib.WeightTotals(*map(distributed.global_sum, dataclasses.astuple(loss_lib.WeightTotals.of(b))))
+                  for _, b, _, _, _ in prepared]
         minibatches = []
-        for indices, batch, old, ref in batches:
+        for (indices, batch, stacked, old, ref), total in zip(prepared, totals):
             row_advantages = np.zeros(batch.num_rows, np.float32)
             row_advantages[:len(indices)] = advantages[indices]
-            minibatches.append(MiniBatch(batch, row_advantages, old, None if self.config.loss.kl_in_reward else ref))
+            ref = None if config.loss.kl_in_reward else ref
+            inputs = loss_lib.make_loss_inputs(batch, row_advantages, old, ref, config.loss, totals=total)
+            inputs = self._on_mesh(stack_microbatches(inputs, batch.num_rows // micro_rows))
+            minibatches.append(MiniBatch(inputs, batch, row_advantages, old, ref))
         return minibatches
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _batched_logprobs(self, params: nnx.State, batch: TrainBatch) -> jax.Array:
-        """[B, T] log-probs computed micro-batch by micro-batch (same shapes as the loss: no new compiles).
+    def _minibatch_indices(self, records: Sequence[TurnRecord]) -> list[np.ndarray]:
+        """This process's record indices of each mini-batch (the same number on every process)."""
+        rows = bool(self.config.minibatch_rows)
+        counts = distributed.allgather(len(records) if rows else len({r.trajectory_id for r in records}))
+        return minibatch_split(records, num_minibatches=self.config.num_minibatches,
+                               minibatch_rows=self.config.minibatch_rows,
+                               unit_offset=int(counts[:jax.process_index()].sum()), total_units=int(counts.sum()))
 
-        Only loss-mask positions are computed (the LM head runs on response tokens); others read 0.
-        """
-        rows = self.config.micro_batch_rows
-        parts = [self._logprobs(params, *(x[i:i + rows] for x in (batch.input_ids, batch.attention_mask,
-                                                                   batch.targets, batch.loss_mask)))
-                 for i in range(0, batch.num_rows, rows)]
-        return jnp.concatenate(parts, axis=0)
+    def _on_mesh(self, stacked: Any) -> Any:
+        """Host arrays [M, R_local, ...] of every process -> device arrays [M, R_local x processes, ...]
+        with the rows (axis 1) sharded over the training rules' batch axes."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, stacked)
+
+        def place(x: np.ndarray) -> jax.Array:
+            axes = (None, "batch") + (None,) * (x.ndim - 2)
+            global_shape = (x.shape[0], x.shape[1] * jax.process_count()) + x.shape[2:]
+            spec = sharding.partition_spec(global_shape, axes, self.mesh, self.rules)
+            return distributed.global_batch(x, NamedSharding(self.mesh, spec), global_shape)
+
+        return jax.tree.map(place, stacked)
+
+    def _stacked_logprobs(self, params: nnx.State, stacked: tuple[jax.Array, ...]) -> np.ndarray:
+        """This process's rows' [B, T] log-probs, computed micro-batch by micro-batch on the mesh (the
+        loss's shapes: no new compiles). Only loss-mask positions are computed; others read 0."""
+        with self._activation_sharding():
+            parts = [self._logprobs(params, *(x[i] for x in stacked)) for i in range(stacked[0].shape[0])]
+        return np.concatenate([distributed.local_rows(p) for p in parts], axis=0)
+
+    def _activation_sharding(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        return sharding.activation_sharding(self.mesh, self.rules)
 
     def _apply_updates(self, params, opt_state, grads):
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
@@ -285,28 +377,50 @@ def compute_record_advantages(records: Sequence[TurnRecord], config: TrainerConf
         kl_penalties=kl_penalties)
 
 
-def trajectory_minibatches(records: Sequence[TurnRecord], num_minibatches: int) -> list[np.ndarray]:
-    """Record indices split into up to `num_minibatches` groups of whole trajectories (in order)."""
-    trajectories = list(dict.fromkeys(r.trajectory_id for r in records))
-    groups = [g for g in np.array_split(np.asarray(trajectories), min(num_minibatches, len(trajectories))) if len(g)]
-    trajectory_ids = np.asarray([r.trajectory_id for r in records])
-    return [np.flatnonzero(np.isin(trajectory_ids, g)) for g in groups]
+def minibatch_split(records: Sequence[TurnRecord], *, num_minibatches: int, minibatch_rows: int = 0,
+                    unit_offset: int = 0, total_units: int | None = None) -> list[np.ndarray]:
+    """Record indices of each mini-batch: contiguous chunks of the whole step's trajectories in order
+    (`num_minibatches` of them, fewer when there are fewer trajectories), or of its rows in chunks of
+    `minibatch_rows` (when > 0; trajectories may then be cut).
+
+    When `records` are one process's share of the step, `unit_offset` counts the trajectories (rows)
+    of the processes before it and `total_units` those of all processes: each process then gets its
+    part of the same chunks a single process would cut (some parts empty), and the same number of them.
+    """
+    if minibatch_rows:
+        units = np.arange(len(records))
+    else:
+        order = {t: i for i, t in enumerate(dict.fromkeys(r.trajectory_id for r in records))}
+        units = np.asarray([order[r.trajectory_id] for r in records], np.int64)
+    total = (len(set(units.tolist())) if total_units is None else total_units)
+    if minibatch_rows:
+        chunks = [np.arange(start, min(start + minibatch_rows, total))
+                  for start in range(0, max(total, 1), minibatch_rows)]
+    else:
+        chunks = np.array_split(np.arange(total), max(1, min(num_minibatches, total)))
+    return [np.flatnonzero(np.isin(units + unit_offset, chunk)) for chunk in chunks]
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+_STOP_REASONS = ("verifier", "max_turns", "time_limit")
 
 
 def rollout_metrics(trajectories: Sequence[Trajectory], rewards: np.ndarray) -> dict[str, float]:
-    """Reward, accuracy, turns, stop reasons and planner-output health of a batch of trajectories."""
-    turns = [len(t.turns) for t in trajectories]
+    """Reward, accuracy, turns, stop reasons and planner-output health over every process's trajectories."""
+    per_trajectory = distributed.gather_ragged(np.asarray(
+        [[reward, reward >= 1.0, len(t.turns), t.answer is not None] + [t.stop_reason == r for r in _STOP_REASONS]
+         for t, reward in zip(trajectories, rewards)], np.float64).reshape(len(trajectories), 4 + len(_STOP_REASONS)))
     calls = [turn.planner for t in trajectories for turn in t.turns]
-    metrics = {
-        "reward": float(np.mean(rewards)),
-        "accuracy": float(np.mean(rewards >= 1.0)),
-        "turns": float(np.mean(turns)),
-        "planner_calls": float(len(calls)),
-        "planner_tokens": float(np.mean([len(c.token_ids or ()) for c in calls])) if calls else 0.0,
-        "planner_unparsable": float(np.mean([c.step.parse_error is not None for c in calls])) if calls else 0.0,
-        "planner_unknown_tool": float(np.mean([c.step.tool_name is None for c in calls])) if calls else 0.0,
-        "answered": float(np.mean([t.answer is not None for t in trajectories])),
-    }
-    for reason in ("verifier", "max_turns", "time_limit"):
-        metrics[f"stop_{reason}"] = float(np.mean([t.stop_reason == reason for t in trajectories]))
-    return metrics
+    per_call = distributed.gather_ragged(np.asarray(
+        [[len(c.token_ids or ()), c.step.parse_error is not None, c.step.tool_name is None] for c in calls],
+        np.float64).reshape(len(calls), 3))
+    mean = per_trajectory.mean(axis=0)
+    call_mean = per_call.mean(axis=0) if len(per_call) else np.zeros(3)
+    metrics = {"reward": mean[0], "accuracy": mean[1], "turns": mean[2], "answered": mean[3],
+               "planner_calls": float(len(per_call)), "planner_tokens": call_mean[0],
+               "planner_unparsable": call_mean[1], "planner_unknown_tool": call_mean[2]}
+    metrics.update({f"stop_{reason}": mean[4 + i] for i, reason in enumerate(_STOP_REASONS)})
+    return {key: float(value) for key, value in metrics.items()}

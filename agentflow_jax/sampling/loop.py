@@ -152,7 +152,7 @@ class Decoded:
 
 
 def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, first_logits: Array,
-           rule: rules.SamplingRule, seed: Array, padding_rows: Array, stop_ids: Array,
+           rule: rules.SamplingRule, seed: Array, sample_ids: Array, padding_rows: Array, stop_ids: Array,
            max_new_tokens: Array, *, capacity: int, rows_per_block: int) -> Decoded:
     """Generates up to `max_new_tokens` tokens per row.
 
@@ -164,8 +164,9 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, first_logi
       cache: from `prefill` (donated: its buffers are reused).
       first_logits: [B, V] float32 logits after the prompt.
       rule: sampling rule.
-      seed: [] uint32; row r draws its step-t number from fold_in(fold_in(key(seed), r), t), so a
-        row's samples do not depend on how many rows the batch has or how it is blocked.
+      seed: [] uint32; row r draws its step-t number from fold_in(fold_in(key(seed), sample_ids[r]), t),
+        so a row's samples depend only on the seed and its sample id, not on the batch it is in.
+      sample_ids: [B] int32, each row's sample id (its index in the call, or a caller's stable id).
       padding_rows: [B] bool, dummy rows added to fill the batch bucket (never generate).
       stop_ids: [S] int32 stop tokens, padded with -1.
       max_new_tokens: [] int32 <= capacity.
@@ -184,9 +185,8 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, first_logi
         return (state.tokens, state.log_probs, state.lengths, state.stopped,
                 final.k, final.v, final.valid, final.next_position, final.index)
 
-    rows = first_logits.shape[0]
     tokens, log_probs, lengths, stopped, k, v, valid, next_position, index = map_row_blocks(
-        run, (cache.k, cache.v, cache.valid, cache.next_position, first_logits, padding_rows, jnp.arange(rows)),
+        run, (cache.k, cache.v, cache.valid, cache.next_position, first_logits, padding_rows, sample_ids),
         (1, 1, 0, 0, 0, 0, 0), (0, 0, 0, 0, 1, 1, 0, 0, None), rows_per_block)
     return Decoded(tokens, log_probs, lengths, stopped,
                    constrain_cache(KVCache(k, v, valid, next_position, index.max())))
@@ -196,7 +196,7 @@ def _decode_rows(model: nnx.Module, cache: KVCache, first_logits: Array, rule: r
                  row_ids: Array, padding_rows: Array, stop_ids: Array, max_new_tokens: Array,
                  capacity: int) -> DecodeState:
     """The `lax.while_loop` decode of one block of R rows (arguments as in `decode`; row_ids [R]
-    int32 are the rows' global indices). Stops when every row of the block is done."""
+    int32 are the rows' sample ids). Stops when every row of the block is done."""
     rows = first_logits.shape[0]
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)
 

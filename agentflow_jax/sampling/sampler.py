@@ -162,7 +162,7 @@ class Sampler:
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_token_ids: Sequence[int] = (),
-                 seed: int = 0) -> SamplerOutput:
+                 seed: int = 0, sample_ids: Sequence[int] | None = None) -> SamplerOutput:
         """Samples `n` continuations of every prompt.
 
         Args:
@@ -173,7 +173,10 @@ class Sampler:
           n: samples per prompt; each prompt is prefilled once and its cache shared.
           stop_token_ids: a sample ends after emitting one of these (it is kept in the output).
           seed: the same seed gives the same samples (each sample's randomness depends only on
-            the seed and its index prompt_index * n + j, not on batch padding).
+            the seed and its sample id, not on the batch it is in or its padding).
+          sample_ids: len(prompts) * n distinct non-negative ids, one per sample in output order
+            (e.g. trajectory ids that stay the same however rollouts are split over processes);
+            default prompt_index * n + j.
         Returns:
           SamplerOutput with len(prompts) * n entries.
         """
@@ -183,10 +186,11 @@ class Sampler:
         stop_ids = self._stop_id_array(stop_token_ids)
         prefilled = self.prefill(prompts, n=n, max_new_tokens=max_new_tokens)
         rows = prefilled.logits.shape[0]
+        ids = _row_sample_ids(sample_ids, prefilled.num_samples, rows)
         with self._tracing_context():
             state = self._decode_fn(
                 self._params, prefilled.cache, prefilled.logits, rule, jnp.asarray(seed, jnp.uint32),
-                self._place_batch(np.arange(rows) >= prefilled.num_samples), stop_ids,
+                self._place_batch(ids), self._place_batch(np.arange(rows) >= prefilled.num_samples), stop_ids,
                 jnp.asarray(max_new_tokens, jnp.int32), capacity=prefilled.capacity,
                 rows_per_block=self._decode_rows_per_block(prefilled.cache))
         tokens, log_probs, lengths, stopped = jax.device_get(
@@ -309,6 +313,19 @@ class Sampler:
             raise ValueError(f"stop_token_ids must be non-negative, got {ids}")
         size = max(8, 1 << max(len(ids) - 1, 0).bit_length())
         return jnp.asarray(ids + [-1] * (size - len(ids)), jnp.int32)
+
+
+def _row_sample_ids(sample_ids: Sequence[int] | None, samples: int, rows: int) -> np.ndarray:
+    """[rows] int32: the given ids of the `samples` real rows (default 0..samples-1), then ids for the
+    padding rows that no real row has."""
+    if sample_ids is None:
+        return np.arange(rows, dtype=np.int32)
+    ids = np.asarray(sample_ids, np.int64)
+    if ids.shape != (samples,) or (ids < 0).any() or len(np.unique(ids)) != samples or ids.max() >= 2**31 - rows:
+        raise ValueError(f"sample_ids must be {samples} distinct ids in [0, 2**31 - {rows}) (one per sample), got "
+                         f"{list(sample_ids)[:8]}...")
+    padding = ids.max() + 1 + np.arange(rows - samples)
+    return np.concatenate([ids, padding]).astype(np.int32)
 
 
 def _left_pad(prompts: list[np.ndarray], rows: int, length: int) -> tuple[np.ndarray, np.ndarray]:
