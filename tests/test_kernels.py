@@ -5,6 +5,11 @@ implementation="xla" (same wrapper: rows rotated to right padding, sequence leng
 decode kernel in Pallas' interpret mode; the kernel's lowering to Triton is checked too.
 """
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -142,3 +147,15 @@ def test_unrolled_decode_step_matches_cached_forward(decode_attention):
     np.testing.assert_allclose(np.asarray(stacked.k), np.asarray(cache.k), atol=1e-6)
     for name in ("valid", "next_position", "index"):
         np.testing.assert_array_equal(np.asarray(getattr(stacked, name)), np.asarray(getattr(cache, name)))
+
+
+def test_gpu_bench_imports_need_no_grain_or_ml_collections():
+    """experiments/benchmarks/gpu_bench.py must run on a plain CUDA image (JAX, Flax, PyTorch, transformers)."""
+    code = ("import sys\n"
+            "for name in ('grain', 'ml_collections'):\n"
+            "    sys.modules[name] = None\n"
+            "import agentflow_jax.models.hf_io, agentflow_jax.models.kernels, agentflow_jax.rl.loss\n"
+            "import agentflow_jax.rl.logprobs, agentflow_jax.rl.batch, agentflow_jax.sampling\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=root,
+                   env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
