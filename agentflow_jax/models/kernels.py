@@ -1,8 +1,9 @@
 """Which implementation of the model's hot paths runs on which platform: the one place that decides.
 
 Three choices, each with a portable implementation (the CPU one, which the CPU test suite and the
-CPU benchmarks measure) and one that pays on GPUs (measured in experiments/benchmarks/gpu_bench.py;
-figures in BUILD_NOTES.md):
+CPU benchmarks measure) and one meant to pay on NVIDIA GPUs (chosen from the issue's H200 figures
+of the portable paths, not yet timed on a GPU: `experiments/benchmarks/gpu_bench.py --compare`
+times each against the portable one; see BUILD_NOTES.md):
 
   sequence_attention   whole-sequence causal attention (training, SFT, prompt prefill)
     "tiled"   `attention.causal_attention`: causal tiles with a FlashAttention-style custom VJP in XLA.
@@ -70,8 +71,20 @@ GPU = Kernels(sequence_attention="cudnn", decode_layers="unrolled", decode_atten
 
 
 def for_platform(platform: str) -> Kernels:
-    """The kernels that pay on `platform` ("cpu", "cuda", "rocm", "tpu"; see `platform_of`)."""
-    return GPU if platform == "cuda" else PORTABLE
+    """The kernels that pay on `platform` ("cpu", "cuda", "rocm", "tpu"; see `platform_of`).
+
+    On "cuda" without Pallas' Triton backend in this JAX the decode attention stays "masked"."""
+    if platform != "cuda":
+        return PORTABLE
+    return GPU if _pallas_triton_available() else GPU.replace(decode_attention="masked")
+
+
+def _pallas_triton_available() -> bool:
+    try:
+        from jax.experimental.pallas import triton
+    except ImportError:
+        return False
+    return hasattr(triton, "CompilerParams")
 
 
 def platform_of(device: jax.Device) -> str:
