@@ -1,12 +1,17 @@
-"""Logit parity of our Qwen2 against transformers' Qwen2ForCausalLM (PyTorch CPU, random weights)."""
+"""Logit parity of our Qwen2 against transformers' Qwen2ForCausalLM (PyTorch CPU, random weights), on
+the portable paths and on the GPU paths of `models.kernels` run on CPU (XLA in place of cuDNN, the
+Pallas decode kernel interpreted)."""
 
+import functools
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import jax.numpy as jnp
 
 
-from agentflow_jax.models import hf_io
+from agentflow_jax.models import hf_io, kernels, qwen2
 from hf_reference import hf_logits, make_hf_model, padded_batch
 
 # Four shapes: tied / untied head, GQA ratios 1, 2 and 4, default and non-default rope theta,
@@ -48,11 +53,14 @@ def _real(mask):
     return mask.astype(bool)
 
 
-def test_float32_logits_match_transformers(hf_checkpoint):
+@pytest.mark.parametrize("sequence_attention", ["tiled", "xla"])
+def test_float32_logits_match_transformers(hf_checkpoint, sequence_attention):
     hf, path, kwargs = hf_checkpoint
     ids, mask = padded_batch(np.random.RandomState(0), kwargs["vocab_size"], ROWS, WIDTH)
     ref = hf_logits(hf, ids, mask)
-    ours = np.asarray(hf_io.load_pretrained(path)(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask)))
+    model = hf_io.load_pretrained(path)
+    model.kernels = kernels.Kernels(sequence_attention=sequence_attention)
+    ours = np.asarray(model(jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask)))
     assert ours.dtype == np.float32 and ours.shape == ref.shape
     diff = np.abs(ours - ref)[_real(mask)]
     assert diff.max() <= 1e-4, f"max abs logit diff {diff.max()}"
@@ -116,3 +124,26 @@ def test_cached_prefill_and_decode_match_transformers(hf_checkpoint, prefill):
     np.testing.assert_array_equal(np.asarray(cache.next_position), full_mask.sum(1))
     diff = np.abs(ours - ref)[_real(full_mask)]
     assert diff.max() <= 1e-4
+
+
+def test_unrolled_decode_matches_transformers(hf_checkpoint):
+    """The GPU decode step (unrolled layers, per-layer cache, the ragged attention kernel) after a
+    prefill gives HF's full-forward logits (the masked attention variant: test_kernels.py)."""
+    hf, path, kwargs = hf_checkpoint
+    model = hf_io.load_pretrained(path)
+    ids, mask = padded_batch(np.random.RandomState(3), kwargs["vocab_size"], [(5, "left"), (8, "none")], 8)
+    extra = np.random.RandomState(4).randint(0, kwargs["vocab_size"], size=(2, 4))
+    ref = hf_logits(hf, np.concatenate([ids, extra], axis=1), np.concatenate([mask, np.ones_like(extra)], axis=1))
+    hidden, cache = model.prefill_cache(jnp.asarray(ids, jnp.int32), jnp.asarray(mask), 16)
+    steps = [np.asarray(model.logits_from_hidden(hidden))]
+    step_kernels = kernels.Kernels(decode_layers="unrolled", decode_attention="ragged", interpret=True)
+    layers, layered = model.packed_layers(), qwen2.LayerwiseKVCache.from_stacked(cache)
+    first_slot = jnp.argmax(cache.valid, axis=1).astype(jnp.int32)
+    decode_step = jax.jit(functools.partial(model.decode_step, kernels=step_kernels))
+    for t in range(extra.shape[1]):
+        logits, layered = decode_step(layers, jnp.asarray(extra[:, t], jnp.int32), layered, first_slot)
+        steps.append(np.asarray(logits)[:, None])
+    ours = np.concatenate(steps, axis=1)
+    real = _real(np.concatenate([mask, np.ones_like(extra)], axis=1))
+    assert int(layered.index) == 12
+    assert np.abs(ours - ref)[real].max() <= 1e-4

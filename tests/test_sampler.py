@@ -1,5 +1,6 @@
-"""Sampler against transformers (greedy generate, log-probs, nucleus), determinism, stops, errors,
-compile-once-per-bucket, and outputs independent of the cache length, row blocks and query chunks."""
+"""Sampler against transformers (greedy generate, log-probs, nucleus, frequency penalty), determinism,
+stops, errors, compile-once-per-bucket, and outputs independent of the cache length, row blocks,
+query chunks and the GPU decode paths."""
 
 import flax.nnx as nnx
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agentflow_jax.models import config as model_config, hf_io, qwen2
+from agentflow_jax.models import config as model_config, hf_io, kernels, qwen2
 from agentflow_jax.sampling import Sampler, buckets, loop
 from hf_reference import make_hf_model
 
@@ -39,13 +40,20 @@ def sampler(pair):
     return Sampler(pair[1], max_cache_length=128)
 
 
+def _hf_logits(hf, sequence: list[int]) -> np.ndarray:
+    """[len(sequence), V] float64 logits of an unpadded sequence under transformers."""
+    with torch.no_grad():
+        return hf(input_ids=torch.tensor([sequence])).logits[0].double().numpy()
+
+
+def _log_softmax(scaled: np.ndarray) -> np.ndarray:
+    peak = scaled.max(-1, keepdims=True)
+    return scaled - peak - np.log(np.exp(scaled - peak).sum(-1, keepdims=True))
+
+
 def _hf_log_softmax(hf, sequence: list[int], temperature: float = 1.0) -> np.ndarray:
     """[len(sequence), V] float64 log_softmax(logits / T) of an unpadded sequence under transformers."""
-    with torch.no_grad():
-        logits = hf(input_ids=torch.tensor([sequence])).logits[0].double().numpy()
-    scaled = logits / temperature
-    return scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) - scaled.max(
-        -1, keepdims=True)
+    return _log_softmax(_hf_logits(hf, sequence) / temperature)
 
 
 def _hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
@@ -313,3 +321,63 @@ def test_update_params_rejects_other_shapes(sampler):
                                                    num_layers=2, num_heads=4, num_kv_heads=2))
     with pytest.raises(ValueError, match="shapes"):
         sampler.update_params(other)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.8, 0.95)])
+def test_frequency_penalty_logprobs_are_the_penalised_distribution(pair, sampler, temperature, top_p):
+    """Recomputed independently: transformers' logits, minus penalty x earlier occurrences, over T."""
+    hf, _ = pair
+    penalty = 1.5
+    kwargs = dict(max_new_tokens=24, temperature=temperature, top_p=top_p, n=2, seed=4)
+    out = sampler.generate(PROMPTS[:2], frequency_penalty=penalty, **kwargs)
+    for sample, (tokens, log_probs) in enumerate(zip(out.tokens, out.logprobs)):
+        prompt = PROMPTS[sample // 2]
+        logits = _hf_logits(hf, prompt + tokens)[len(prompt) - 1:-1]  # before each generated token
+        counts, expected = np.zeros(logits.shape[1]), []
+        for step, token in enumerate(tokens):
+            penalised = logits[step] - penalty * counts
+            if temperature == 0:
+                assert token == penalised.argmax(), f"sample {sample} step {step}"
+            expected.append(_log_softmax(penalised / (temperature or 1.0))[token])
+            counts[token] += 1
+        np.testing.assert_allclose(log_probs, expected, atol=1e-4)
+    assert out.tokens != sampler.generate(PROMPTS[:2], **kwargs).tokens  # the penalty changed the samples
+
+
+def test_zero_frequency_penalty_is_todays_sampler(sampler):
+    kwargs = dict(max_new_tokens=17, temperature=1.0, n=2, seed=6)  # the shapes of test_max_new_tokens_is_honoured
+    before = sampler.trace_counts["decode"]
+    assert sampler.generate(PROMPTS, frequency_penalty=0.0, **kwargs) == sampler.generate(PROMPTS, **kwargs)
+    assert sampler.trace_counts["decode"] <= before + 1  # one program for both calls
+
+
+GPU_PATHS = {
+    "unrolled_masked": kernels.Kernels(decode_layers="unrolled", decode_attention="masked"),
+    "fused_prefill_unrolled_ragged": kernels.Kernels(sequence_attention="xla", decode_layers="unrolled",
+                                                     decode_attention="ragged", interpret=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GPU_PATHS))
+def test_gpu_decode_paths_equal_the_scan_decode(pair, sampler, name):
+    """The GPU paths (here on CPU) give the current decode's tokens, token for token."""
+    other = Sampler(pair[1], max_cache_length=128, kernels=GPU_PATHS[name])
+    assert other.kernels == GPU_PATHS[name] and sampler.kernels == kernels.PORTABLE
+    prompts = [PROMPTS[0], list(range(1, 21)), PROMPTS[2]]  # left padding of 27, 12 and 31 slots
+    kwargs = dict(max_new_tokens=20, temperature=0.8, top_p=0.9, n=2, seed=3, frequency_penalty=1.2,
+                  stop_token_ids=(7,))
+    want, got = sampler.generate(prompts, **kwargs), other.generate(prompts, **kwargs)
+    assert got.tokens == want.tokens and got.finish_reason == want.finish_reason
+    for got_row, want_row in zip(got.logprobs, want.logprobs):
+        np.testing.assert_allclose(got_row, want_row, atol=1e-5)
+
+
+def test_decode_of_a_prefill_with_room_equals_generate(sampler):
+    prefilled = sampler.prefill(PROMPTS, n=2, max_new_tokens=40)  # 48 slots of room, 20 used
+    assert prefilled.capacity == 48
+    decoded = sampler.decode(prefilled, max_new_tokens=20, temperature=0.7, seed=9)
+    generated = sampler.generate(PROMPTS, max_new_tokens=20, temperature=0.7, n=2, seed=9)  # 32 slots of room
+    assert decoded.tokens == generated.tokens and len(decoded.tokens) == 6
+    np.testing.assert_allclose(np.array(decoded.logprobs), np.array(generated.logprobs), atol=1e-5)
+    with pytest.raises(ValueError, match="capacity"):
+        sampler.decode(sampler.prefill(PROMPTS, max_new_tokens=8), max_new_tokens=20)

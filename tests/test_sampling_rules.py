@@ -83,9 +83,44 @@ def test_greedy_rule_and_logprobs_match_numpy():
     np.testing.assert_allclose(np.asarray(log_probs), reference[np.arange(4), logits.argmax(-1)], atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_frequency_penalty_logprobs_match_numpy(temperature):
+    rng = np.random.RandomState(4)
+    logits = rng.normal(size=(6, 300)).astype(np.float32)
+    counts = rng.poisson(0.05, size=(6, 300)).astype(np.int32)  # a few generated tokens, some repeated
+    counts[:, logits.argmax(-1)[0]] += 2
+    rule = rules.sampling_rule(temperature, frequency_penalty=0.6)
+    uniforms = jax.random.uniform(jax.random.key(1), (6,))
+    tokens, log_probs = map(np.asarray, rules.choose_tokens(jnp.asarray(logits), rule, uniforms, jnp.asarray(counts)))
+    penalised = logits.astype(np.float64) - 0.6 * counts
+    scaled = penalised / (temperature or 1.0)
+    reference = scaled - np.log(np.exp(scaled - scaled.max(-1, keepdims=True)).sum(-1, keepdims=True)) - scaled.max(
+        -1, keepdims=True)
+    np.testing.assert_allclose(log_probs, reference[np.arange(6), tokens], atol=1e-5)
+    if temperature == 0:
+        np.testing.assert_array_equal(tokens, penalised.argmax(-1))
+
+
+def test_frequency_penalty_lowers_a_repeated_tokens_probability():
+    logits = np.random.RandomState(5).normal(size=(3, 300)).astype(np.float32)
+    logits[:, 42] = logits.max(-1) + 2.0  # token 42 stays the argmax under a penalty of 0.5 per use
+    greedy = rules.sampling_rule(0.0, frequency_penalty=0.5)
+    fresh = np.zeros((3, 300), np.int32)
+    repeated = fresh.copy()
+    repeated[:, 42] = [1, 2, 3]
+    (tokens_fresh, lp_fresh), (tokens_repeated, lp_repeated) = [
+        tuple(map(np.asarray, rules.choose_tokens(jnp.asarray(logits), greedy, jnp.zeros(3), jnp.asarray(c))))
+        for c in (fresh, repeated)]
+    assert list(tokens_fresh) == list(tokens_repeated) == [42] * 3
+    assert np.all(lp_repeated < lp_fresh) and np.all(np.diff(lp_repeated) < 0)  # lower with every repeat
+    no_penalty = rules.choose_tokens(jnp.asarray(logits), rules.sampling_rule(0.0), jnp.zeros(3))[1]
+    np.testing.assert_array_equal(np.asarray(no_penalty), lp_fresh)
+
+
 @pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=1.0, top_p=0.0),
                                     dict(temperature=1.0, top_p=1.5), dict(temperature=1.0, top_k=-1),
-                                    dict(temperature=float("nan"))])
+                                    dict(temperature=float("nan")),
+                                    dict(temperature=1.0, frequency_penalty=float("inf"))])
 def test_invalid_rules_are_rejected(kwargs):
     with pytest.raises(ValueError):
         rules.sampling_rule(**kwargs)

@@ -24,6 +24,11 @@ no gradient; those rows are padding and their values are unspecified to callers.
 `cached_attention(q, segments)` is one joint softmax over several key/value segments: the decode
 path passes the cache as it was and the new tokens, so the cache is only read (the model writes the
 new keys once, after all layers).
+
+GPU paths (chosen by `models.kernels`): `fused_causal_attention` is the whole-sequence attention
+through `jax.nn.dot_product_attention` (cuDNN's fused kernels, forward and backward), and
+`ragged_decode_attention` a Pallas kernel for one query per row that reads only the cache slots
+the row uses.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 Array = jax.Array
 
@@ -235,3 +241,122 @@ def cached_attention(q: Array, segments: Sequence[tuple[Array, Array, Array]]) -
     out = functools.reduce(jnp.add, [_dot("bkgts,bksd->bkgtd", (w / total).astype(v.dtype), v)
                                      for w, (_, v, _) in zip(weights, segments)])
     return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(b, t, h, dh)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU paths (chosen by `models.kernels`): fused whole-sequence attention and ragged decode attention
+# ----------------------------------------------------------------------------------------------
+
+
+def fused_causal_attention(q: Array, k: Array, v: Array, lengths: Array, *, implementation: str) -> Array:
+    """Causal attention of right-padded rows through `jax.nn.dot_product_attention`.
+
+    With implementation="cudnn" this is cuDNN's fused flash attention (forward and backward, no
+    T x T scores in memory; bfloat16 / float16 on NVIDIA GPUs); "xla" runs the same call anywhere.
+
+    Args:
+      q: [B, T, H, Dh] queries (RoPE applied).
+      k, v: [B, T, K, Dh] keys and values, sequence-major as the API takes them; K divides H.
+      lengths: [B] int32 >= 1; row b's real tokens fill slots [0, lengths[b]) (right padding).
+      implementation: "cudnn" or "xla".
+    Returns:
+      [B, T, H, Dh] in q's dtype, before the output projection; slots past a row's length are
+      unspecified (and receive no gradient from real slots).
+    """
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lengths,
+                                        key_value_seq_lengths=lengths, implementation=implementation)
+
+
+_NEG = float(jnp.finfo(jnp.float32).min)  # masked scores: finite, so an empty block stays finite
+RAGGED_BLOCK_SIZES = (64, 32, 16)  # key slots per kernel step: the largest dividing the cache length
+RAGGED_SLOT_MULTIPLE = RAGGED_BLOCK_SIZES[-1]  # cache lengths the kernel takes (callers pad to it)
+RAGGED_TARGET_PROGRAMS = 256  # split the cache so that rows x KV heads x splits fill ~2 waves of SMs
+_MIN_GROUP = 16  # the kernel's matmuls need >= 16 rows: query heads per KV head are padded to it
+
+
+def ragged_decode_attention(q: Array, k: Array, v: Array, start: Array, end: Array, *,
+                            interpret: bool = False) -> Array:
+    """One query per row against the cache slots [start, end) of that row only.
+
+    A Pallas kernel (Triton on GPUs) walks each row's slots in blocks of up to 64, with an online
+    softmax in float32, from the block holding `start` to the block holding `end - 1`: slots a
+    row does not use (left padding, room not yet written) are never read. For small batches each
+    row's range is split over several programs (`RAGGED_TARGET_PROGRAMS`) whose partial results
+    are combined here.
+
+    Args:
+      q: [B, K, G, Dh] queries grouped by KV head (RoPE applied).
+      k, v: [B, K, S, Dh] the layer's cache, head-major; S a multiple of RAGGED_SLOT_MULTIPLE.
+      start, end: [B] int32, 0 <= start < end <= S.
+      interpret: run the kernel in Pallas' interpret mode (any platform; used by the CPU tests).
+    Returns:
+      [B, K, G, Dh] attention output in q's dtype.
+    """
+    rows, kv_heads, groups, dim = q.shape
+    slots = k.shape[2]
+    block = next((b for b in RAGGED_BLOCK_SIZES if slots % b == 0), None)
+    if block is None:
+        raise ValueError(f"the cache length {slots} must be a multiple of {RAGGED_SLOT_MULTIPLE}")
+    num_blocks = slots // block
+    splits = max(1, min(num_blocks, -(-RAGGED_TARGET_PROGRAMS // (rows * kv_heads))))
+    blocks_per_split = -(-num_blocks // splits)
+    padded_groups = max(_MIN_GROUP, 1 << (groups - 1).bit_length())
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_groups - groups), (0, 0)))
+
+    def kernel(start_ref, end_ref, q_ref, k_ref, v_ref, out_ref, peak_ref, total_ref):
+        row, split = pl.program_id(0), pl.program_id(2)
+        first, stop = start_ref[row], end_ref[row]
+        lo = jnp.maximum(first // block, split * blocks_per_split)
+        hi = jnp.minimum((stop + block - 1) // block, (split + 1) * blocks_per_split)
+        query = q_ref[...]  # [G', Dh]
+
+        def body(j, carry):
+            acc, peak, total = carry
+            keys = k_ref[pl.ds(j * block, block), :]
+            scores = jax.lax.dot_general(query, keys, (((1,), (1,)), ((), ())),
+                                         preferred_element_type=jnp.float32) * (dim ** -0.5)
+            slot = j * block + jax.lax.broadcasted_iota(jnp.int32, scores.shape, 1)
+            scores = jnp.where((slot >= first) & (slot < stop), scores, _NEG)
+            new_peak = jnp.maximum(peak, scores.max(axis=1))
+            probs = jnp.exp(scores - new_peak[:, None])
+            rescale = jnp.exp(peak - new_peak)
+            values = v_ref[pl.ds(j * block, block), :]
+            acc = acc * rescale[:, None] + jax.lax.dot_general(
+                probs.astype(values.dtype), values, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            return acc, new_peak, total * rescale + probs.sum(axis=1)
+
+        initial = (jnp.zeros((padded_groups, dim), jnp.float32), jnp.full((padded_groups,), _NEG, jnp.float32),
+                   jnp.zeros((padded_groups,), jnp.float32))
+        acc, peak, total = jax.lax.fori_loop(lo, hi, body, initial)
+        out_ref[...] = acc
+        peak_ref[...] = peak
+        total_ref[...] = total
+
+    per_row = lambda r, h, s: (0,)  # noqa: E731
+    cache_spec = pl.BlockSpec((None, None, slots, dim), lambda r, h, s: (r, h, 0, 0))
+    partial = (rows, kv_heads, splits, padded_groups)
+    acc, peak, total = pl.pallas_call(
+        kernel,
+        grid=(rows, kv_heads, splits),
+        in_specs=[pl.BlockSpec((rows,), per_row), pl.BlockSpec((rows,), per_row),
+                  pl.BlockSpec((None, None, padded_groups, dim), lambda r, h, s: (r, h, 0, 0)), cache_spec, cache_spec],
+        out_specs=[pl.BlockSpec((None, None, None, padded_groups, dim), lambda r, h, s: (r, h, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, padded_groups), lambda r, h, s: (r, h, s, 0)),
+                   pl.BlockSpec((None, None, None, padded_groups), lambda r, h, s: (r, h, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct(partial + (dim,), jnp.float32),
+                   jax.ShapeDtypeStruct(partial, jnp.float32), jax.ShapeDtypeStruct(partial, jnp.float32)],
+        interpret=interpret,
+        compiler_params=None if interpret else _triton_params(),
+        name="ragged_decode_attention",
+    )(start.astype(jnp.int32), end.astype(jnp.int32), q, k, v)
+    # Combine the splits (a split with no slot in range has peak _NEG and total 0).
+    weight = jnp.exp(peak - peak.max(axis=2, keepdims=True))  # [B, K, splits, G']
+    out = (acc * weight[..., None]).sum(axis=2) / (total * weight).sum(axis=2)[..., None]
+    return out[:, :, :groups].astype(q.dtype)
+
+
+def _triton_params():
+    """Compiler parameters that select Pallas' Triton backend (Mosaic GPU is the default on GPUs)."""
+    from jax.experimental.pallas import triton as pallas_triton
+
+    return pallas_triton.CompilerParams(num_warps=4, num_stages=2)

@@ -16,11 +16,18 @@ Training memory: whole-sequence attention runs in causal tiles with a FlashAtten
 (`models.attention`), and the SwiGLU MLP has its own VJP (`swiglu`) that keeps only its input and
 the two up-projections; `remat=True` recomputes each layer in the backward pass on top of that.
 
+Platform paths (`models.kernels`, chosen per platform, each computing what the portable path
+computes): on NVIDIA GPUs whole-sequence attention goes through cuDNN's fused attention
+(`jax.nn.dot_product_attention`), and the sampler decodes with `decode_step`: the layers unrolled
+over weights packed once per decode call (`packed_layers`) and a per-layer cache
+(`LayerwiseKVCache`) whose attention reads only the slots each row uses.
+
 Public API (architecture in `models.config`; loading and saving HF directories in `models.hf_io`):
   model = qwen2.init_random(config, seed=0)                 # or hf_io.load_pretrained(path)
   logits = model(input_ids, attention_mask=attention_mask)  # [B, T] int32 -> [B, T, V] float32
   cache = model.init_cache(batch_size, max_length)
   logits, cache = model.forward_with_cache(input_ids, attention_mask, cache)   # prefill / decode
+  logits, layered = model.decode_step(model.packed_layers(), tokens, layered, first_slot, kernels=k)
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from agentflow_jax import sharding
-from agentflow_jax.models import attention
+from agentflow_jax.models import attention, kernels as kernels_lib
 from agentflow_jax.models.config import Qwen2Config
 
 Array = jax.Array
@@ -78,11 +85,16 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.scale = _param(rngs, (dim,), ("norm",), _ones, param_dtype, stack)
 
-    @jax.named_scope("norm")
     def __call__(self, x: Array) -> Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+
+@jax.named_scope("norm")
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """x [..., D] / sqrt(mean(x^2) + eps) * scale [D], in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_angles(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -265,6 +277,64 @@ class KVCache:
         return KVCache(rep(self.k, 1), rep(self.v, 1), rep(self.valid, 0), rep(self.next_position, 0), self.index)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerwiseKVCache:
+    """A `KVCache` with one key and one value array per layer: the carry of the unrolled decode
+    step, which writes each layer's new slot in place and reads the layer's cache without
+    slicing a stacked array.
+
+    Attributes:
+      k, v: tuples of L arrays [B, K, S, Dh].
+      valid, next_position, index: as in `KVCache`.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    valid: Array
+    next_position: Array
+    index: Array
+
+    @classmethod
+    def from_stacked(cls, cache: KVCache, slot_multiple: int = 1) -> "LayerwiseKVCache":
+        """A copy of `cache` split by layer, its slots padded with invalid ones to a multiple of
+        `slot_multiple` (a kernel's block size)."""
+        room = (-cache.max_length) % slot_multiple
+        pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, room), (0, 0))) if room else x  # noqa: E731
+        layers = range(cache.k.shape[0])
+        return cls(tuple(pad(cache.k[i]) for i in layers), tuple(pad(cache.v[i]) for i in layers),
+                   jnp.pad(cache.valid, ((0, 0), (0, room))), cache.next_position, cache.index)
+
+    def stacked(self, max_length: int | None = None) -> KVCache:
+        """The layers stacked again into a `KVCache`, cut to `max_length` slots (None = all)."""
+        cut = slice(None, max_length)
+        return KVCache(jnp.stack([k[:, :, cut] for k in self.k]), jnp.stack([v[:, :, cut] for v in self.v]),
+                       self.valid[:, cut], self.next_position, self.index)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedLayer:
+    """One decoder layer's weights laid out for the unrolled decode step (`Qwen2ForCausalLM.packed_layers`).
+
+    Attributes:
+      input_norm, post_attn_norm: [D] RMSNorm scales (parameter dtype).
+      qkv_kernel: [D, (H + 2K) * Dh], the q, k and v projections side by side (compute dtype).
+      qkv_bias: [(H + 2K) * Dh].
+      o_kernel: [H * Dh, D].
+      gate_up_kernel: [D, 2F], the gate then the up projection.
+      down_kernel: [F, D].
+    """
+
+    input_norm: Array
+    qkv_kernel: Array
+    qkv_bias: Array
+    o_kernel: Array
+    post_attn_norm: Array
+    gate_up_kernel: Array
+    down_kernel: Array
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------------------------
@@ -278,12 +348,14 @@ class Qwen2ForCausalLM(nnx.Module):
       dtype: compute dtype of activations and matmuls (float32 or bfloat16).
       param_dtype: storage dtype of parameters.
       remat: recompute each layer's activations in the backward pass (saves memory in training).
+      kernels: implementation choices (`models.kernels`); None = the ones that pay on JAX's default
+        device, resolved when a program is traced. A static attribute: it may be reassigned.
       rngs: random streams for initialisation (weights are N(0, 0.02), biases 0, norms 1).
     """
 
     def __init__(self, config: Qwen2Config, *, dtype: DType = jnp.float32, param_dtype: DType = jnp.float32,
-                 remat: bool = False, rngs: nnx.Rngs):
-        self.config, self.dtype, self.remat = config, dtype, remat
+                 remat: bool = False, kernels: kernels_lib.Kernels | None = None, rngs: nnx.Rngs):
+        self.config, self.dtype, self.remat, self.kernels = config, dtype, remat, kernels
         d, v = config.hidden_size, config.vocab_size
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), _normal, param_dtype, None)
         self.layers = DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=config.num_layers)
@@ -342,6 +414,9 @@ class Qwen2ForCausalLM(nnx.Module):
         input_ids, mask = _check_inputs(input_ids, attention_mask)
         if positions is None:
             positions = positions_from_mask(mask)
+        implementation = self.resolved_kernels().sequence_attention
+        if implementation != "tiled":
+            return self._fused_forward(input_ids, mask, positions, keep_kv=keep_kv, implementation=implementation)
         query_chunk, key_chunk = tiles if tiles is not None else attention.default_tiles(input_ids.shape[1])
         x = self._embed(input_ids)
         cos, sin = rope_angles(positions, self.config.dim_per_head, self.config.rope_theta)
@@ -356,6 +431,42 @@ class Qwen2ForCausalLM(nnx.Module):
 
         x, kv = self._scan_layers(layer_fn, x)
         return self.final_norm(x), kv
+
+    def _fused_forward(self, input_ids: Array, mask: Array, positions: Array, *, keep_kv: bool,
+                       implementation: str) -> tuple[Array, tuple[Array, Array] | None]:
+        """`_forward` with `attention.fused_causal_attention`, which takes right-padded rows.
+
+        Each row is rotated so that its first real token is at slot 0 (a left-padded row becomes
+        right-padded; a right-padded one is unchanged), the layers run, and the hidden states
+        (and keys / values) are rotated back. Padding is on the left or the right of a row, as the
+        model's API says, so its real tokens stay one contiguous run. A row with no real token
+        attends to its slot 0 (finite values, unspecified as all padding).
+        """
+        length = input_ids.shape[1]
+        shift = jnp.argmax(mask, axis=1).astype(jnp.int32)  # the first real slot
+        lengths = jnp.maximum(mask.sum(axis=1, dtype=jnp.int32), 1)
+        to_front, back = _rotation(shift, length), _rotation(-shift, length)
+        x = self._embed(jnp.take_along_axis(input_ids, to_front, axis=1))
+        cos, sin = rope_angles(jnp.take_along_axis(positions, to_front, axis=1), self.config.dim_per_head,
+                               self.config.rope_theta)
+
+        def layer_fn(layer: DecoderLayer, x: Array) -> tuple[Array, tuple[Array, Array] | None]:
+            h = layer.input_norm(x)
+            q, k, v = layer.attn.project_qkv(h, cos, sin)
+            with jax.named_scope("attention_core"):
+                heads = attention.fused_causal_attention(q, k, v, lengths, implementation=implementation)
+            x = x + layer.attn.project_out(heads)
+            return x + layer.mlp(layer.post_attn_norm(x)), ((_head_major(k), _head_major(v)) if keep_kv else None)
+
+        x, kv = self._scan_layers(layer_fn, x)
+        hidden = jnp.take_along_axis(self.final_norm(x), back[:, :, None], axis=1)
+        if kv is not None:
+            kv = tuple(jnp.take_along_axis(a, back[None, :, None, :, None], axis=3) for a in kv)
+        return hidden, kv
+
+    def resolved_kernels(self) -> kernels_lib.Kernels:
+        """`kernels`, or the default for JAX's default device when it is None."""
+        return self.kernels if self.kernels is not None else kernels_lib.default()
 
     def logits_from_hidden(self, hidden: Array) -> Array:
         """LM head: hidden [..., D] -> float32 logits [..., V] (float32 accumulation)."""
@@ -425,6 +536,81 @@ class Qwen2ForCausalLM(nnx.Module):
                             next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32), index=index + t)
         return self.final_norm(x), new_cache
 
+    # -- unrolled decode (GPU; see models.kernels) -----------------------------------------------
+
+    def packed_layers(self) -> tuple[PackedLayer, ...]:
+        """Every layer's weights as its own arrays, q/k/v and gate/up each fused into one matrix.
+
+        A copy of the layer weights (in the compute dtype): the unrolled decode builds it once
+        before its loop, so each step reads plain arrays with no per-layer slicing.
+        """
+        c, dt, layers = self.config, self.dtype, self.layers
+        n, d = c.num_layers, c.hidden_size
+        attn, mlp = layers.attn, layers.mlp
+        as_matrix = lambda w: w[...].astype(dt).reshape(n, d, -1)  # noqa: E731  [L, D, heads * Dh]
+        qkv = jnp.concatenate([as_matrix(attn.q_kernel), as_matrix(attn.k_kernel), as_matrix(attn.v_kernel)], -1)
+        qkv_bias = jnp.concatenate([b[...].astype(dt).reshape(n, -1) for b in (attn.q_bias, attn.k_bias, attn.v_bias)],
+                                   axis=-1)
+        o = attn.o_kernel[...].astype(dt).reshape(n, -1, d)
+        gate_up = jnp.concatenate([mlp.gate_kernel[...].astype(dt), mlp.up_kernel[...].astype(dt)], axis=-1)
+        down = mlp.down_kernel[...].astype(dt)
+        first_norm, second_norm = layers.input_norm.scale[...], layers.post_attn_norm.scale[...]
+        return tuple(PackedLayer(first_norm[i], qkv[i], qkv_bias[i], o[i], second_norm[i], gate_up[i], down[i])
+                     for i in range(n))
+
+    def decode_step(self, layers: Sequence[PackedLayer], tokens: Array, cache: LayerwiseKVCache,
+                    first_slot: Array, *, kernels: kernels_lib.Kernels) -> tuple[Array, LayerwiseKVCache]:
+        """Appends one token per row and returns its logits: `forward_with_cache` for T = 1 with
+        the layers unrolled over `packed_layers()` and each layer's cache written in place.
+
+        The new slot is written before attention, which then reads the layer's cache with the slot
+        included (`kernels.decode_attention`: "masked" over every slot, "ragged" over each row's
+        slots [first_slot, index] only).
+
+        Args:
+          layers: `packed_layers()`.
+          tokens: [B] int32, real tokens (positions advance by one).
+          cache: the per-layer cache; index + 1 <= S.
+          first_slot: [B] int32, each row's first real slot (its valid slots run from there to the
+            write index).
+          kernels: implementation choices (decode_attention, interpret).
+        Returns:
+          ([B, V] float32 logits, the cache with the token appended).
+        """
+        c, dt = self.config, self.dtype
+        rows, dim, heads, kv_heads = tokens.shape[0], c.dim_per_head, c.num_heads, c.num_kv_heads
+        index = cache.index
+        valid = jax.lax.dynamic_update_slice(cache.valid, jnp.ones((rows, 1), bool), (0, index))
+        cos, sin = rope_angles(cache.next_position[:, None], dim, c.rope_theta)
+        x = self._embed(tokens[:, None])  # [B, 1, D]
+        keys, values = [], []
+        for layer, k_cache, v_cache in zip(layers, cache.k, cache.v):
+            with jax.named_scope("attention_qkv"):
+                qkv = _einsum("btd,df->btf", rms_norm(x, layer.input_norm, c.rms_norm_eps), layer.qkv_kernel, dt)
+                q, k, v = jnp.split(qkv + layer.qkv_bias, (heads * dim, (heads + kv_heads) * dim), axis=-1)
+                q = apply_rope(q.reshape(rows, 1, heads, dim), cos, sin)
+                k = apply_rope(k.reshape(rows, 1, kv_heads, dim), cos, sin)
+                k_cache = jax.lax.dynamic_update_slice(k_cache, _head_major(k).astype(k_cache.dtype), (0, 0, index, 0))
+                v_cache = jax.lax.dynamic_update_slice(
+                    v_cache, _head_major(v.reshape(rows, 1, kv_heads, dim)).astype(v_cache.dtype), (0, 0, index, 0))
+            if kernels.decode_attention == "ragged":
+                with jax.named_scope("attention_core"):
+                    out = attention.ragged_decode_attention(
+                        q.reshape(rows, kv_heads, heads // kv_heads, dim), k_cache.astype(dt), v_cache.astype(dt),
+                        first_slot, jnp.broadcast_to(index + 1, (rows,)), interpret=kernels.interpret)
+            else:
+                out = attention.cached_attention(q, [(k_cache.astype(dt), v_cache.astype(dt), valid[:, None, :])])
+            with jax.named_scope("attention_out"):
+                x = x + _einsum("btf,fd->btd", out.reshape(rows, 1, heads * dim), layer.o_kernel, dt)
+            with jax.named_scope("mlp"):
+                gate, up = jnp.split(_einsum("btd,df->btf", rms_norm(x, layer.post_attn_norm, c.rms_norm_eps),
+                                             layer.gate_up_kernel, dt), 2, axis=-1)
+                x = x + _einsum("btf,fd->btd", jax.nn.silu(gate) * up, layer.down_kernel, dt)
+            keys.append(k_cache)
+            values.append(v_cache)
+        new_cache = LayerwiseKVCache(tuple(keys), tuple(values), valid, cache.next_position + 1, index + 1)
+        return self.logits_from_hidden(self.final_norm(x)[:, 0]), new_cache
+
     # -- internals ------------------------------------------------------------------------------
 
     def _embed(self, input_ids: Array) -> Array:
@@ -454,6 +640,11 @@ def _head_major(x: Array) -> Array:
     return x.transpose(0, 2, 1, 3)
 
 
+def _rotation(shift: Array, length: int) -> Array:
+    """Gather indices [B, T] that rotate row b left by shift[b]: out[b, t] = x[b, (t + shift[b]) mod T]."""
+    return (jnp.arange(length, dtype=jnp.int32)[None, :] + shift[:, None]) % length
+
+
 def positions_from_mask(mask: Array) -> Array:
     """RoPE positions counting real tokens only: mask [B, T] bool -> [B, T] int32 (0 at leading pads)."""
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=1) - 1, 0)
@@ -479,9 +670,10 @@ def _check_inputs(input_ids: Array, attention_mask: Array | None) -> tuple[Array
 
 
 def init_random(config: Qwen2Config, *, seed: int = 0, dtype: DType = jnp.float32,
-                param_dtype: DType | None = None, remat: bool = False) -> Qwen2ForCausalLM:
-    """A randomly initialised model (tests, toy models)."""
-    return Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat,
+                param_dtype: DType | None = None, remat: bool = False,
+                kernels: kernels_lib.Kernels | None = None) -> Qwen2ForCausalLM:
+    """A randomly initialised model (tests, toy models, benchmarks)."""
+    return Qwen2ForCausalLM(config, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat, kernels=kernels,
                             rngs=nnx.Rngs(seed))
 
 

@@ -5,6 +5,11 @@ Rows are independent: each has its own random key (folded from the call seed and
 global index), its own done flag and its own count of generated tokens. Both programs may walk
 the batch in blocks of rows (`map_row_blocks`); the rows of a block share the cache's write
 index, so finished rows keep decoding harmlessly until every row of their block is done.
+
+A decode step runs the model in one of two ways (`models.kernels`, `decode_layers`): "scan",
+`forward_with_cache` with the layers under `lax.scan` (CPU, TPU), or "unrolled",
+`decode_step` over per-layer weights packed once before the loop and a per-layer cache (GPU).
+Both compute the same tokens and log-probs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from agentflow_jax import sharding
-from agentflow_jax.models.qwen2 import KVCache
+from agentflow_jax.models import attention, kernels as kernels_lib
+from agentflow_jax.models.qwen2 import KVCache, LayerwiseKVCache, PackedLayer, Qwen2ForCausalLM
 from agentflow_jax.sampling import rules
 
 Array = jax.Array
@@ -110,17 +116,19 @@ class DecodeState:
     """Carry of the decode loop (B = rows, N = generated-token capacity).
 
     Attributes:
-      cache: the KV cache; holds every token fed so far.
+      cache: the KV cache (a `LayerwiseKVCache` in the unrolled decode); holds every token fed so far.
       last_tokens: [B] int32, the tokens chosen at the previous step (fed next).
       tokens: [B, N] int32 generated ids; entries past a row's length are 0.
-      log_probs: [B, N] float32 full-vocabulary log-probs of `tokens`.
+      log_probs: [B, N] float32 full-vocabulary log-probs of `tokens` (see `rules`).
       lengths: [B] int32 tokens generated per row (a stop token counts).
       done: [B] bool, the row emitted a stop token, hit the limit, or is batch padding.
       stopped: [B] bool, the row ended with a stop token.
       step: [] int32 tokens chosen so far (by the longest row).
+      counts: [B, V] int32 occurrences of each token among the row's generated tokens, kept only
+        when the rule has a frequency penalty (else None).
     """
 
-    cache: KVCache
+    cache: KVCache | LayerwiseKVCache
     last_tokens: Array
     tokens: Array
     log_probs: Array
@@ -128,6 +136,7 @@ class DecodeState:
     done: Array
     stopped: Array
     step: Array
+    counts: Array | None
 
 
 @jax.tree_util.register_dataclass
@@ -153,11 +162,13 @@ class Decoded:
 
 def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, first_logits: Array,
            rule: rules.SamplingRule, seed: Array, sample_ids: Array, padding_rows: Array, stop_ids: Array,
-           max_new_tokens: Array, *, capacity: int, rows_per_block: int) -> Decoded:
+           max_new_tokens: Array, *, capacity: int, rows_per_block: int,
+           kernels: kernels_lib.Kernels = kernels_lib.PORTABLE) -> Decoded:
     """Generates up to `max_new_tokens` tokens per row.
 
     Rows run in blocks of `rows_per_block` (see `map_row_blocks`); each block's loop stops
-    early when all its rows are done.
+    early when all its rows are done. With `kernels.decode_layers == "unrolled"` the layer
+    weights are packed once here (a transient copy of them) and every block's steps read them.
 
     Args:
       graphdef, params: the model.
@@ -172,16 +183,18 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, first_logi
       max_new_tokens: [] int32 <= capacity.
       capacity: static N, the size of the token buffers.
       rows_per_block: static, divides B.
+      kernels: static; `decode_layers` and `decode_attention` choose the step (module docstring).
     Returns:
       The generated tokens, their log-probs, lengths and stop flags, and the final cache.
     """
     model = nnx.merge(graphdef, params)
+    layers = model.packed_layers() if kernels.decode_layers == "unrolled" else None
 
     def run(k: Array, v: Array, valid: Array, next_position: Array, logits: Array, padding: Array,
             row_ids: Array) -> tuple[Array, ...]:
-        state = _decode_rows(model, KVCache(k, v, valid, next_position, cache.index), logits, rule, seed, row_ids,
-                             padding, stop_ids, max_new_tokens, capacity)
-        final = state.cache
+        state = _decode_rows(model, layers, kernels, KVCache(k, v, valid, next_position, cache.index), logits, rule,
+                             seed, row_ids, padding, stop_ids, max_new_tokens, capacity)
+        final = state.cache.stacked(cache.max_length) if layers is not None else state.cache
         return (state.tokens, state.log_probs, state.lengths, state.stopped,
                 final.k, final.v, final.valid, final.next_position, final.index)
 
@@ -192,21 +205,25 @@ def decode(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, first_logi
                    constrain_cache(KVCache(k, v, valid, next_position, index.max())))
 
 
-def _decode_rows(model: nnx.Module, cache: KVCache, first_logits: Array, rule: rules.SamplingRule, seed: Array,
-                 row_ids: Array, padding_rows: Array, stop_ids: Array, max_new_tokens: Array,
-                 capacity: int) -> DecodeState:
+def _decode_rows(model: Qwen2ForCausalLM, layers: tuple[PackedLayer, ...] | None, kernels: kernels_lib.Kernels,
+                 cache: KVCache, first_logits: Array, rule: rules.SamplingRule, seed: Array, row_ids: Array,
+                 padding_rows: Array, stop_ids: Array, max_new_tokens: Array, capacity: int) -> DecodeState:
     """The `lax.while_loop` decode of one block of R rows (arguments as in `decode`; row_ids [R]
-    int32 are the rows' sample ids). Stops when every row of the block is done."""
-    rows = first_logits.shape[0]
+    int32 are the rows' sample ids; `layers` the packed weights of the unrolled step, None for the
+    scan step). Stops when every row of the block is done."""
+    rows, vocab = first_logits.shape
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), row_ids)
 
     def choose(state: DecodeState, logits: Array) -> DecodeState:
         uniforms = jax.vmap(lambda key: jax.random.uniform(jax.random.fold_in(key, state.step)))(row_keys)
-        tokens, log_probs = rules.choose_tokens(logits, rule, uniforms)
+        tokens, log_probs = rules.choose_tokens(logits, rule, uniforms, state.counts)
         live = ~state.done
         tokens = jnp.where(live, tokens, 0)
         stopped = live & jnp.isin(tokens, stop_ids)
         lengths = state.lengths + live.astype(jnp.int32)
+        counts = state.counts
+        if counts is not None:
+            counts = counts.at[jnp.arange(rows), tokens].add(live.astype(jnp.int32))
         return dataclasses.replace(
             state,
             last_tokens=tokens,
@@ -217,15 +234,27 @@ def _decode_rows(model: nnx.Module, cache: KVCache, first_logits: Array, rule: r
             done=state.done | stopped | (lengths >= max_new_tokens),
             stopped=state.stopped | stopped,
             step=state.step + 1,
+            counts=counts,
         )
 
     def keep_going(state: DecodeState) -> Array:
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
+    if layers is None:
+        def forward(tokens: Array, cache: KVCache) -> tuple[Array, KVCache]:
+            logits, cache = model.forward_with_cache(tokens[:, None], None, cache)
+            return logits[:, 0], constrain_cache(cache)
+    else:
+        first_slot = jnp.argmax(cache.valid, axis=1).astype(jnp.int32)  # valid slots: [first, index)
+        cache = LayerwiseKVCache.from_stacked(cache, slot_multiple=attention.RAGGED_SLOT_MULTIPLE)
+
+        def forward(tokens: Array, cache: LayerwiseKVCache) -> tuple[Array, LayerwiseKVCache]:
+            return model.decode_step(layers, tokens, cache, first_slot, kernels=kernels)
+
     def step(state: DecodeState) -> DecodeState:
-        logits, cache = model.forward_with_cache(state.last_tokens[:, None], None, state.cache)
-        state = dataclasses.replace(state, cache=constrain_cache(cache))
-        return choose(state, sharding.constrain(logits[:, 0], ("batch", "vocab")))
+        logits, cache = forward(state.last_tokens, state.cache)
+        state = dataclasses.replace(state, cache=cache)
+        return choose(state, sharding.constrain(logits, ("batch", "vocab")))
 
     initial = DecodeState(
         cache=cache,
@@ -236,5 +265,6 @@ def _decode_rows(model: nnx.Module, cache: KVCache, first_logits: Array, rule: r
         done=padding_rows,
         stopped=jnp.zeros((rows,), bool),
         step=jnp.zeros((), jnp.int32),
+        counts=jnp.zeros((rows, vocab), jnp.int32) if rule.uses_frequency_penalty else None,
     )
     return jax.lax.while_loop(keep_going, step, choose(initial, first_logits))

@@ -1,18 +1,25 @@
 """Sampling rules: how the next token is chosen from a row of logits, and its log-prob.
 
-A `SamplingRule` is a pytree: temperature / top-p / top-k values are traced arrays (changing them
-reuses the compiled decode loop); whether decoding is greedy and whether a truncation search is
-needed are static fields (greedy; sampling with or without top-p, with or without top-k).
+A `SamplingRule` is a pytree: temperature / top-p / top-k / frequency-penalty values are traced
+arrays (changing them reuses the compiled decode loop); whether decoding is greedy, whether a
+truncation search is needed and whether a frequency penalty applies are static fields.
 
-Semantics (those of transformers' TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper):
-  * temperature == 0: greedy (argmax of the logits).
-  * otherwise scaled = logits / temperature; top-k keeps the k largest scaled logits (ties with
+Semantics (vLLM's penalty, then transformers' TemperatureLogitsWarper -> TopKLogitsWarper ->
+TopPLogitsWarper):
+  * frequency penalty (off at 0): penalised = logits - frequency_penalty * count, count[t] = how
+    often token t occurs among the tokens this sample has generated so far (prompt tokens do not
+    count), as vLLM's `frequency_penalty`. Without it, penalised = logits.
+  * temperature == 0: greedy (argmax of the penalised logits).
+  * otherwise scaled = penalised / temperature; top-k keeps the k largest scaled logits (ties with
     the k-th are kept), then top-p keeps the smallest set of most likely tokens whose mass under
     the renormalised top-k distribution reaches top_p (a token is kept when the mass of the
     tokens strictly more likely than it is < top_p); the token is drawn from the kept tokens in
     proportion to exp(scaled).
-  * The returned log-prob of a token is always log_softmax(logits / T) over the FULL vocabulary
-    (T = 1 when greedy): the policy probability the trainer reproduces, not the truncated one.
+  * The returned log-prob of a token is always log_softmax(penalised / T) over the FULL
+    vocabulary (T = 1 when greedy): the log-prob of the penalised, tempered distribution the
+    token was drawn from, before top-k / top-p truncation. Without a penalty this is the policy
+    probability the trainer reproduces (`rl.logprobs.token_logprobs` at the same temperature);
+    with one it is not (the trainer's model has no penalty).
 
 Truncation thresholds are exact without sorting the vocabulary (a [64, 32000] sort takes ~0.4 s
 on CPU): they are read from the 64 most likely tokens (`jax.lax.top_k`) when the top-k / nucleus
@@ -45,28 +52,34 @@ class SamplingRule:
       temperature: [] float32; 1.0 when greedy (the log-prob temperature).
       top_p: [] float32 in (0, 1].
       top_k: [] int32, >= 1 when `uses_top_k`.
+      frequency_penalty: [] float32, subtracted once per earlier occurrence of a token.
       greedy: static; argmax decoding.
       uses_top_p: static; top_p < 1 (a threshold search runs each step).
       uses_top_k: static; top_k > 0 (a threshold search runs each step).
+      uses_frequency_penalty: static; frequency_penalty != 0 (the decode loop keeps [B, V] token
+        counts; without it nothing is counted or subtracted).
     """
 
     temperature: Array
     top_p: Array
     top_k: Array
+    frequency_penalty: Array
     greedy: bool
     uses_top_p: bool
     uses_top_k: bool
+    uses_frequency_penalty: bool
 
 
-jax.tree_util.register_dataclass(SamplingRule, data_fields=["temperature", "top_p", "top_k"],
-                                 meta_fields=["greedy", "uses_top_p", "uses_top_k"])
+jax.tree_util.register_dataclass(SamplingRule, data_fields=["temperature", "top_p", "top_k", "frequency_penalty"],
+                                 meta_fields=["greedy", "uses_top_p", "uses_top_k", "uses_frequency_penalty"])
 
 
-def sampling_rule(temperature: float, top_p: float = 1.0, top_k: int = 0) -> SamplingRule:
+def sampling_rule(temperature: float, top_p: float = 1.0, top_k: int = 0,
+                  frequency_penalty: float = 0.0) -> SamplingRule:
     """Validates user settings and builds the rule (temperature 0 means greedy).
 
     Raises:
-      ValueError: temperature < 0, top_p outside (0, 1], or top_k < 0.
+      ValueError: temperature < 0, top_p outside (0, 1], top_k < 0, or a non-finite penalty.
     """
     if not (math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -74,28 +87,39 @@ def sampling_rule(temperature: float, top_p: float = 1.0, top_k: int = 0) -> Sam
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
     if int(top_k) != top_k or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 disables it), got {top_k}")
+    if not math.isfinite(frequency_penalty):
+        raise ValueError(f"frequency_penalty must be a finite number (0 disables it), got {frequency_penalty}")
     greedy = temperature == 0
     return SamplingRule(
         temperature=jnp.asarray(1.0 if greedy else temperature, jnp.float32),
         top_p=jnp.asarray(top_p, jnp.float32),
         top_k=jnp.asarray(max(int(top_k), 1), jnp.int32),
+        frequency_penalty=jnp.asarray(frequency_penalty, jnp.float32),
         greedy=greedy,
         uses_top_p=not greedy and top_p < 1.0,
         uses_top_k=not greedy and top_k > 0,
+        uses_frequency_penalty=frequency_penalty != 0,
     )
 
 
-def choose_tokens(logits: Array, rule: SamplingRule, uniforms: Array) -> tuple[Array, Array]:
+def choose_tokens(logits: Array, rule: SamplingRule, uniforms: Array,
+                  counts: Array | None = None) -> tuple[Array, Array]:
     """Picks one token per row and returns it with its full-vocabulary log-prob.
 
     Args:
       logits: [B, V] float32 next-token logits.
       rule: the sampling rule.
       uniforms: [B] float32 in [0, 1), the row's random number for this step (unused if greedy).
+      counts: [B, V] int32 occurrences of each token among the row's generated tokens; required
+        when `rule.uses_frequency_penalty`, ignored otherwise.
     Returns:
-      (tokens [B] int32, log_probs [B] float32 = log_softmax(logits / T)[token]).
+      (tokens [B] int32, log_probs [B] float32 = log_softmax(penalised / T)[token], penalised =
+      logits - frequency_penalty * counts).
     """
-    scaled = logits.astype(jnp.float32) / rule.temperature
+    logits = logits.astype(jnp.float32)
+    if rule.uses_frequency_penalty:
+        logits = logits - rule.frequency_penalty * counts.astype(jnp.float32)
+    scaled = logits / rule.temperature
     relative = scaled - scaled.max(axis=-1, keepdims=True)  # <= 0, exactly 0 at the max
     weights = jnp.exp(relative)
     if rule.greedy:

@@ -2,9 +2,9 @@
 
     sampler = Sampler(model, max_cache_length=4096)               # or Sampler(model, mesh=mesh)
     out = sampler.generate(prompts, max_new_tokens=256, temperature=0.7, top_p=0.99, n=8,
-                           stop_token_ids=(151645,), seed=0)
+                           frequency_penalty=1.2, stop_token_ids=(151645,), seed=0)
     out.tokens[i * n + j]      # sample j of prompt i: generated ids (a final stop token included)
-    out.logprobs[i * n + j]    # log_softmax(logits / T) of each of those ids, full vocabulary
+    out.logprobs[i * n + j]    # log_softmax((logits - penalty * counts) / T) of each id, full vocabulary
     out.finish_reason[i * n + j]                                   # "stop" | "length"
     sampler.update_params(reference_params)                        # same compiled code
     reference = sampler.with_params(reference_params)              # a second sampler, same code
@@ -14,7 +14,8 @@ new-token budget is bucketed too, so calls of similar sizes reuse one compiled p
 compiled decode loop; `trace_counts` says how often each was traced (= compiled). The cache holds
 the prompt bucket plus the new-token bucket, so decode attention never reads more than the call
 can use. On CPU both programs walk the batch in blocks of rows that stay in the processor caches
-(`row_blocks`; see `buckets`).
+(`row_blocks`; see `buckets`). On NVIDIA GPUs the decode step runs unrolled over packed per-layer
+weights and reads only the cache slots each row uses (`kernels`; see `models.kernels`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from agentflow_jax import sharding
+from agentflow_jax.models import kernels as kernels_lib
 from agentflow_jax.models.qwen2 import KVCache
 from agentflow_jax.sampling import buckets, loop, rules
 
@@ -49,8 +51,12 @@ class SamplerOutput:
     Attributes:
       tokens: generated token ids; when a sample ends with a stop token that token is the last
         entry (it was sampled, and training needs its log-prob).
-      logprobs: float32 log_softmax(logits / T)[token] over the full vocabulary for each entry of
-        `tokens` (T = 1 for greedy decoding), i.e. the behaviour policy's log-prob.
+      logprobs: for each entry of `tokens`, the float32 log-prob of the distribution it was drawn
+        from, over the full vocabulary and before top-k / top-p truncation:
+        log_softmax((logits - frequency_penalty * counts) / T)[token], counts = occurrences of each
+        token among the sample's earlier generated tokens, T = 1 for greedy decoding. Without a
+        frequency penalty this is the policy's log-prob at temperature T (what the trainer
+        recomputes); with one it is the penalised behaviour distribution's.
       finish_reason: "stop" (ended with a stop token) or "length" (reached max_new_tokens).
     """
 
@@ -68,6 +74,8 @@ class Prefilled:
       cache: KV cache with R rows.
       num_samples: the first `num_samples` rows are real (prompts x n), the rest padding.
       capacity: static size of the generated-token buffers (>= max_new_tokens).
+
+    `Sampler.decode` donates the cache: a Prefilled can be decoded once.
     """
 
     logits: Array
@@ -89,32 +97,48 @@ class Sampler:
       row_blocks: run prefill and decode over the batch in blocks of rows sized to stay in the CPU
         caches (`buckets.PREFILL_BLOCK_TOKENS`, `buckets.DECODE_BLOCK_BYTES`); outputs do not
         depend on it. None = when the parameters live on CPU (accelerators take the whole batch).
+      kernels: implementation choices of prefill and decode (`models.kernels`); outputs do not
+        depend on them. None = the model's `kernels` if set, else those that pay on the platform of
+        the parameters (on a mesh of several devices the decode layers stay under `lax.scan`,
+        whose sharded weights need no repacking).
     """
 
     def __init__(self, model: nnx.Module, *, max_cache_length: int = 4096, mesh: Mesh | None = None,
-                 rules: sharding.Rules | str = "sampling", row_blocks: bool | None = None):
+                 rules: sharding.Rules | str = "sampling", row_blocks: bool | None = None,
+                 kernels: kernels_lib.Kernels | None = None):
         graphdef, params = nnx.split(model)
         self._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules,
-                    row_blocks=row_blocks)
+                    row_blocks=row_blocks, kernels=kernels)
 
     @classmethod
     def from_state(cls, graphdef: nnx.GraphDef, params: nnx.State, *, max_cache_length: int = 4096,
                    mesh: Mesh | None = None, rules: sharding.Rules | str = "sampling",
-                   row_blocks: bool | None = None) -> "Sampler":
+                   row_blocks: bool | None = None, kernels: kernels_lib.Kernels | None = None) -> "Sampler":
         """A sampler for `nnx.split(model)` parts (e.g. the trainer's graphdef and policy params)."""
         sampler = cls.__new__(cls)
         sampler._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules,
-                       row_blocks=row_blocks)
+                       row_blocks=row_blocks, kernels=kernels)
         return sampler
 
     def _setup(self, graphdef: nnx.GraphDef, params: nnx.State, *, max_cache_length: int, mesh: Mesh | None,
-               rules: sharding.Rules | str, row_blocks: bool | None) -> None:
+               rules: sharding.Rules | str, row_blocks: bool | None, kernels: kernels_lib.Kernels | None) -> None:
         if max_cache_length < 2:
             raise ValueError(f"max_cache_length must be >= 2 (a prompt token and a new token), got {max_cache_length}")
         self.max_cache_length = max_cache_length
         self.mesh = mesh
         self.rules = sharding.rules_from(rules)
-        self.config = nnx.merge(graphdef, params).config
+        model = nnx.merge(graphdef, params)
+        self.config = model.config
+        leaves = jax.tree.leaves(params)
+        if kernels is None:
+            kernels = model.kernels
+            if kernels is None:
+                kernels = kernels_lib.for_platform(kernels_lib.platform_of(next(iter(leaves[0].devices()))))
+            if mesh is not None and mesh.size > 1:
+                kernels = kernels.replace(decode_layers="scan")
+        self.kernels = kernels
+        model.kernels = kernels  # the prefill's attention follows the sampler's choice too
+        graphdef = nnx.graphdef(model)
         self._graphdef = graphdef
         if mesh is not None:
             self._param_shardings = sharding.state_shardings(params, mesh, self.rules)
@@ -133,8 +157,9 @@ class Sampler:
         self._prefill_fn = jax.jit(self._counted("prefill", functools.partial(loop.prefill, graphdef)),
                                    static_argnames=("cache_length", "samples_per_prompt", "rows_per_block",
                                                     "query_chunk"))
-        self._decode_fn = jax.jit(self._counted("decode", functools.partial(loop.decode, graphdef)),
-                                  static_argnames=("capacity", "rows_per_block"), donate_argnames=("cache",))
+        self._decode_fn = jax.jit(
+            self._counted("decode", functools.partial(loop.decode, graphdef, kernels=kernels)),
+            static_argnames=("capacity", "rows_per_block"), donate_argnames=("cache",))
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -161,8 +186,9 @@ class Sampler:
         return other
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, n: int = 1, stop_token_ids: Sequence[int] = (),
-                 seed: int = 0, sample_ids: Sequence[int] | None = None) -> SamplerOutput:
+                 top_p: float = 1.0, top_k: int = 0, frequency_penalty: float = 0.0, n: int = 1,
+                 stop_token_ids: Sequence[int] = (), seed: int = 0,
+                 sample_ids: Sequence[int] | None = None) -> SamplerOutput:
         """Samples `n` continuations of every prompt.
 
         Args:
@@ -170,6 +196,11 @@ class Sampler:
           max_new_tokens: most tokens generated per sample (a stop token counts).
           temperature: 0 = greedy; otherwise logits are divided by it before sampling.
           top_p: nucleus mass kept (1 = off). top_k: most likely tokens kept (0 = off).
+          frequency_penalty: subtracted from a token's logit once for every time the sample has
+            already generated it, before temperature / top-k / top-p (vLLM's frequency_penalty;
+            the reference rollouts use 1.2; 0 = off and costs nothing; negative values favour
+            repeats). The returned log-probs are those of the penalised distribution
+            (`SamplerOutput.logprobs`).
           n: samples per prompt; each prompt is prefilled once and its cache shared.
           stop_token_ids: a sample ends after emitting one of these (it is kept in the output).
           seed: the same seed gives the same samples (each sample's randomness depends only on
@@ -180,11 +211,32 @@ class Sampler:
         Returns:
           SamplerOutput with len(prompts) * n entries.
         """
-        rule = rules.sampling_rule(temperature, top_p, top_k)
+        rule = rules.sampling_rule(temperature, top_p, top_k, frequency_penalty)
         if not 0 <= seed < _MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32), got {seed}")
         stop_ids = self._stop_id_array(stop_token_ids)
-        prefilled = self.prefill(prompts, n=n, max_new_tokens=max_new_tokens)
+        return self._decode(self.prefill(prompts, n=n, max_new_tokens=max_new_tokens), rule, stop_ids, seed,
+                            max_new_tokens, sample_ids)
+
+    def decode(self, prefilled: Prefilled, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+               top_k: int = 0, frequency_penalty: float = 0.0, stop_token_ids: Sequence[int] = (),
+               seed: int = 0, sample_ids: Sequence[int] | None = None) -> SamplerOutput:
+        """Runs the jitted decode alone on a `prefill` result (what `generate` does second).
+
+        `max_new_tokens` may be below the capacity the prefill reserved (the cache then has room
+        that is never written; useful to time decode over a long cache). Other arguments as in
+        `generate`. The prefilled cache is donated.
+        """
+        if not 1 <= max_new_tokens <= prefilled.capacity:
+            raise ValueError(f"max_new_tokens must be in [1, {prefilled.capacity}] (the prefill's capacity), "
+                             f"got {max_new_tokens}")
+        if not 0 <= seed < _MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+        return self._decode(prefilled, rules.sampling_rule(temperature, top_p, top_k, frequency_penalty),
+                            self._stop_id_array(stop_token_ids), seed, max_new_tokens, sample_ids)
+
+    def _decode(self, prefilled: Prefilled, rule: rules.SamplingRule, stop_ids: Array, seed: int,
+                max_new_tokens: int, sample_ids: Sequence[int] | None) -> SamplerOutput:
         rows = prefilled.logits.shape[0]
         ids = _row_sample_ids(sample_ids, prefilled.num_samples, rows)
         with self._tracing_context():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from agentflow_jax.models import attention
-from common import BENCH_CONFIG, interleaved_seconds, machine_summary
+from common import BENCH_CONFIG, interleaved_seconds, load_average, machine_summary
 
 
 def main() -> None:
@@ -81,11 +81,13 @@ def main() -> None:
     if worst >= 1e-3:
         raise SystemExit("ours and torch disagree: not timing")
 
+    load_before = load_average()
     times = interleaved_seconds({"ours (JAX)": lambda: jax.block_until_ready(ours_grad(jq, jk, jv, jc)),
                                  "torch SDPA": torch_step}, args.repeats)
     median = {name: float(np.median(ts)) for name, ts in times.items()}
     flops = 6.0 * layers * b * t * t * heads * head_dim  # score and value matmuls over the causal half, fwd + bwd
-    print(f"machine: {machine_summary()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
+    print(f"machine: {machine_summary()}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
+          f"load average before {load_before}, after {load_average()}")
     print(f"{layers} layers x [{b} x {t}] tokens, {heads} heads over {kv_heads} kv heads, head size {head_dim}, "
           f"float32; ours in tiles of {query_chunk} queries x {key_chunk} keys")
     for name, seconds in median.items():

@@ -1,4 +1,9 @@
-"""Shared helpers of the benchmark scripts: timing and the reference benchmark model config."""
+"""Shared helpers of the benchmark scripts: timing and the reference benchmark model config.
+
+Every ratio the CPU benchmarks print comes from `interleaved_seconds` (the variants take turns, round
+after round, so load from other processes falls on all of them alike) and its medians, with the
+load average printed before and after.
+"""
 
 from __future__ import annotations
 
@@ -12,18 +17,6 @@ BENCH_CONFIG = dict(vocab_size=32_000, hidden_size=512, intermediate_size=1_408,
                     num_kv_heads=2, tie_word_embeddings=True)
 
 
-def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of fn() over `repeats` runs after `warmup` runs (fn must block until done)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     """Wall times of each fn() (which must block until done) over `repeats` rounds, after one untimed call."""
     for fn in fns.values():
@@ -35,6 +28,16 @@ def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> d
             fn()
             times[key].append(time.perf_counter() - start)
     return times
+
+
+def load_average() -> str:
+    """The 1 / 5 / 15-minute load averages, e.g. "0.52/0.71/0.80" (other processes share these cores)."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    """Median of each variant's times (from `interleaved_seconds`)."""
+    return {key: statistics.median(values) for key, values in times.items()}
 
 
 def machine_summary() -> str:

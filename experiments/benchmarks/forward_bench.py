@@ -1,6 +1,8 @@
 """Forward throughput (tokens/s) of our float32 Qwen2 vs transformers' PyTorch model, same weights.
 
-Batch 8 x 256 tokens on the ~40M-parameter benchmark config, both on the CPU in one process.
+Batch 8 x 256 tokens on the ~40M-parameter benchmark config, both on the CPU in one process. The
+three variants (ours float32, ours bfloat16, transformers float32) run in interleaved rounds after
+one untimed call each; medians.
 
     python experiments/benchmarks/forward_bench.py [--batch 8 --length 256 --repeats 5]
 """
@@ -19,7 +21,7 @@ import torch
 import transformers
 
 from agentflow_jax.models import config as model_config, hf_io
-from common import BENCH_CONFIG, machine_summary, median_seconds
+from common import BENCH_CONFIG, interleaved_seconds, load_average, machine_summary, medians
 
 
 def hf_config(cfg: dict) -> transformers.Qwen2Config:
@@ -56,18 +58,19 @@ def main() -> None:
             hf(input_ids=ids_torch, use_cache=False)
 
     tokens = args.batch * args.length
-    t_ours = median_seconds(jax_runner(ours), repeats=args.repeats)
-    t_bf16 = median_seconds(jax_runner(ours_bf16), repeats=args.repeats)
-    t_hf = median_seconds(run_hf, repeats=args.repeats)
-    print(f"machine: {machine_summary()}; torch {torch.__version__} with {torch.get_num_threads()} threads")
+    load_before = load_average()
+    median = medians(interleaved_seconds({"ours": jax_runner(ours), "ours bf16": jax_runner(ours_bf16),
+                                          "transformers": run_hf}, args.repeats))
+    t_ours, t_bf16, t_hf = median["ours"], median["ours bf16"], median["transformers"]
+    print(f"machine: {machine_summary()}; torch {torch.__version__} with {torch.get_num_threads()} threads; "
+          f"load average before {load_before}, after {load_average()}")
     print(f"model: {model_config.Qwen2Config(**BENCH_CONFIG).num_params / 1e6:.1f}M params, float32, batch "
-          f"{args.batch} x {args.length} tokens")
+          f"{args.batch} x {args.length} tokens; medians of {args.repeats} interleaved rounds")
     print(f"ours (JAX):          {tokens / t_ours:10.0f} tokens/s  ({t_ours * 1e3:.1f} ms)")
     print(f"transformers (torch): {tokens / t_hf:10.0f} tokens/s  ({t_hf * 1e3:.1f} ms)")
     print(f"ratio ours / transformers (both float32): {t_hf / t_ours:.2f}")
     print(f"ours in bfloat16 (params and compute):   {tokens / t_bf16:10.0f} tokens/s, "
           f"ratio to transformers float32: {t_hf / t_bf16:.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,8 @@
 
 A tiny random Qwen2 model serves every module through the in-process JAX engine (greedy, so the
 batched and the one-at-a-time runs produce the same trajectories, which the script checks);
-tools are scripted. Both modes are warmed up (compiled) before timing.
+tools are scripted. Both modes are warmed up (compiled), then run in --repeats interleaved rounds;
+medians, with the load average before and after.
 
     python experiments/benchmarks/rollout_bench.py [--trajectories 64 --max_new_tokens 48]
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 from agentflow_jax.agent import prompts
 from agentflow_jax.engines.jax_engine import JaxEngine
@@ -21,7 +21,7 @@ from agentflow_jax.models import config as model_config, qwen2
 from agentflow_jax.models.tokenizer import SentencePieceTokenizer
 from agentflow_jax.sampling import Sampler
 from agentflow_jax.tools.base import Tool, ToolArgument, Toolbox, ToolMetadata
-from common import machine_summary
+from common import interleaved_seconds, load_average, machine_summary, medians
 
 
 class LookupTool(Tool):
@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--trajectories", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--vocab", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     engine, toolbox, queries = build(args)
     calls = SamplingParams(max_new_tokens=args.max_new_tokens)
@@ -67,22 +68,19 @@ def main() -> None:
         return [rollout_batch([q], n=1, planner=engine, frozen=engine, toolbox=toolbox, config=config)[0]
                 for q in queries]
 
-    def timed(fn):
-        start = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - start, out
+    load_before = load_average()
+    median = medians(interleaved_seconds({"batched": batched, "one at a time": one_at_a_time}, args.repeats))
+    t_batched, t_single = median["batched"], median["one at a time"]
+    out_batched, out_single = batched(), one_at_a_time()
 
-    batched(), one_at_a_time()  # compile every shape both modes use
-    t_batched, out_batched = timed(batched)
-    t_single, out_single = timed(one_at_a_time)
     def trace(t):
         return [(turn.planner.text, turn.result.as_text(), turn.verifier_text) for turn in t.turns], t.generator_text
 
     same = all(trace(a) == trace(b) for a, b in zip(out_batched, out_single))
     turns = sum(len(t.turns) for t in out_batched)
-    print(f"machine: {machine_summary()}")
+    print(f"machine: {machine_summary()}; load average before {load_before}, after {load_average()}")
     print(f"{len(queries)} trajectories, {turns} turns, identical trajectories in both modes: {same}")
-    print(f"batched:          {t_batched:7.2f} s")
+    print(f"batched:          {t_batched:7.2f} s  (median of {args.repeats} interleaved rounds)")
     print(f"one at a time:    {t_single:7.2f} s")
     print(f"speed-up batched / one at a time: {t_single / t_batched:.1f}x  (target >= 8x)")
 

@@ -3,10 +3,10 @@
 `rollout_bench.py` makes, per trajectory, 8 greedy sampler calls of 48 new tokens whose longest
 prompts have the lengths below (the same in every trajectory). This script times those calls
 directly on the same tiny model (random prompt tokens; cost does not depend on their values):
-prefill alone and prefill + decode, for 64 rows (row blocks on and off) and for one row, best of
---repeats interleaved runs in one process. It prints the sampler time of the whole benchmark in
-both modes, their ratio, and the ceiling of that ratio if batched decoding cost nothing (the
-prefill work per row is the same in both modes).
+prefill alone and prefill + decode, for 64 rows (row blocks on and off) and for one row, medians
+of --repeats interleaved rounds in one process (load average printed before and after). It
+prints the sampler time of the whole benchmark in both modes, their ratio, and the ceiling of
+that ratio if batched decoding cost nothing (the prefill work per row is the same in both modes).
 
     python experiments/benchmarks/rollout_breakdown.py [--repeats 5]
 """
@@ -14,6 +14,7 @@ prefill work per row is the same in both modes).
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import jax
@@ -21,7 +22,7 @@ import numpy as np
 
 from agentflow_jax.models import config as model_config, qwen2
 from agentflow_jax.sampling import Sampler
-from common import machine_summary
+from common import load_average, machine_summary
 
 PROMPT_LENGTHS = (125, 177, 247, 293, 366, 412, 485, 471)  # the benchmark's 8 calls (analysis ... generator)
 ROWS = 64
@@ -50,7 +51,8 @@ def main() -> None:
     def generate(mode, length, rows):
         samplers[mode].generate(prompts[length, rows], max_new_tokens=NEW_TOKENS, temperature=0.0)
 
-    best = {}
+    load_before = load_average()
+    times = {}
     for repeat in range(args.repeats + 1):  # the first round compiles
         for case in cases:
             for name, fn in (("prefill", prefill), ("generate", generate)):
@@ -58,17 +60,19 @@ def main() -> None:
                 fn(*case)
                 elapsed = time.perf_counter() - start
                 if repeat:
-                    best[name, case] = min(best.get((name, case), elapsed), elapsed)
+                    times.setdefault((name, case), []).append(elapsed)
+    median = {key: statistics.median(values) for key, values in times.items()}
 
-    print(f"machine: {machine_summary()}; best of {args.repeats}")
+    print(f"machine: {machine_summary()}; medians of {args.repeats} interleaved rounds; load average before "
+          f"{load_before}, after {load_average()}")
     print("prompt | 1 row: prefill, generate (ms) | 64 rows, row blocks: prefill, generate | 64 rows, whole batch")
     for length in PROMPT_LENGTHS:
-        cells = [f"{best['prefill', case] * 1e3:6.1f} {best['generate', case] * 1e3:7.1f}"
+        cells = [f"{median['prefill', case] * 1e3:6.1f} {median['generate', case] * 1e3:7.1f}"
                  for case in (("blocks", length, 1), ("blocks", length, ROWS), ("whole", length, ROWS))]
         print(f"{length:6d} | " + " | ".join(cells))
 
     def total(name, mode, rows):
-        return sum(best[name, (mode, length, rows)] for length in PROMPT_LENGTHS) * (ROWS // rows)
+        return sum(median[name, (mode, length, rows)] for length in PROMPT_LENGTHS) * (ROWS // rows)
 
     single, single_prefill = total("generate", "blocks", 1), total("prefill", "blocks", 1)
     for mode in ("blocks", "whole"):

@@ -5,11 +5,11 @@
 
 Prints greedy new tokens/s of both systems (float32) for each batch size and their ratio (with
 --bf16 also our sampler with bfloat16 weights and compute against the same float32 baseline),
-then the prefill
-time of one prompt sampled n times (prefill once, cache broadcast) against the same prompt
-repeated n times. Timings are the best of --repeats runs after one warm-up run (which also
-compiles): on a shared machine the best run is the one least disturbed by other processes.
-Nothing is asserted.
+then the prefill time of one prompt sampled n times (prefill once, cache broadcast) against the
+same prompt repeated n times. For each comparison the variants run in interleaved rounds (one
+untimed call each first, which also compiles ours) and the table shows medians over --repeats
+rounds, so load from other processes on a shared machine falls on all of them alike; the load
+average is printed at the start and after each row. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from typing import Callable
 
 import jax
@@ -28,6 +27,7 @@ import transformers
 
 from agentflow_jax.models import hf_io
 from agentflow_jax.sampling import Sampler
+from common import interleaved_seconds, load_average, medians
 
 
 SHORT_NAMES = {"float32": "f32", "bfloat16": "bf16"}
@@ -47,25 +47,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--group-n", type=int, default=8, help="samples per prompt in the prefill comparison")
     parser.add_argument("--bf16", action="store_true",
                         help="also time our sampler with bfloat16 weights and compute (same weights, cast)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
-
-
-def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    """Shortest wall time of `run` over `repeats` calls, after one untimed warm-up call."""
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def format_load() -> str:
-    return "/".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def build_models(args: argparse.Namespace, directory: str):
@@ -98,31 +83,32 @@ def main() -> None:
           f"{torch.get_num_threads()} | transformers {transformers.__version__} | {os.cpu_count()} CPU cores")
     print(f"model: vocab {args.vocab}, hidden {args.hidden}, mlp {args.intermediate}, {args.layers} layers, "
           f"{args.heads} heads / {args.kv_heads} KV heads, tied, float32; prompt {args.prompt_len} tokens, "
-          f"{args.new_tokens} new tokens, greedy; best of {args.repeats} after warm-up; "
-          f"load average at the start {format_load()}\n")
+          f"{args.new_tokens} new tokens, greedy; medians of {args.repeats} interleaved rounds; "
+          f"load average (1/5/15 min) at the start {load_average()}\n")
     with tempfile.TemporaryDirectory() as directory:
         hf, ours = build_models(args, directory)
-    samplers = {name: Sampler(model, max_cache_length=args.prompt_len + args.new_tokens) for name, model in ours.items()}
+    samplers = {name: Sampler(model, max_cache_length=args.prompt_len + args.new_tokens)
+                for name, model in ours.items()}
     sampler = samplers["float32"]
 
     header = f"{'batch':>5} | {'HF f32 tok/s':>12}"
     for name in samplers:
         header += f" | {'ours ' + SHORT_NAMES[name] + ' tok/s':>15} | {'ratio':>6} | {'same tokens':>11}"
-    print(header)
+    print(header + f" | {'load after':>14}")
     for batch in batches:
         prompts = rng.randint(0, args.vocab, size=(batch, args.prompt_len)).astype(np.int64)
-        hf_s = best_seconds(lambda: hf_greedy(hf, prompts, args.new_tokens), args.repeats)
+        runs = {"hf": lambda: hf_greedy(hf, prompts, args.new_tokens)}
+        for name, each in samplers.items():
+            runs[name] = lambda each=each: each.generate(prompts.tolist(), max_new_tokens=args.new_tokens,
+                                                         temperature=0.0)
+        median = medians(interleaved_seconds(runs, args.repeats))
         hf_tokens = hf_greedy(hf, prompts, args.new_tokens)
         new_tokens = batch * args.new_tokens
-        row = f"{batch:>5} | {new_tokens / hf_s:>12.1f}"
-        for name, each in samplers.items():
-            def run(each=each):
-                return each.generate(prompts.tolist(), max_new_tokens=args.new_tokens, temperature=0.0)
-
-            ours_s = best_seconds(run, args.repeats)
-            same = np.mean(np.array(run().tokens) == hf_tokens)
-            row += f" | {new_tokens / ours_s:>15.1f} | {hf_s / ours_s:>5.2f}x | {same:>11.1%}"
-        print(row, flush=True)
+        row = f"{batch:>5} | {new_tokens / median['hf']:>12.1f}"
+        for name in samplers:
+            same = np.mean(np.array(runs[name]().tokens) == hf_tokens)
+            row += f" | {new_tokens / median[name]:>15.1f} | {median['hf'] / median[name]:>5.2f}x | {same:>11.1%}"
+        print(row + f" | {load_average():>14}", flush=True)
 
     prompt = rng.randint(0, args.vocab, size=args.prompt_len).tolist()
     n = args.group_n
@@ -133,13 +119,13 @@ def main() -> None:
             return jax.block_until_ready((prefilled.logits, prefilled.cache))
         return run
 
-    group_s = best_seconds(prefill([prompt], n), args.repeats)
-    repeated_s = best_seconds(prefill([prompt] * n, 1), args.repeats)
+    median = medians(interleaved_seconds({"group": prefill([prompt], n), "repeated": prefill([prompt] * n, 1)},
+                                         args.repeats))
     print(f"\nprefill of one {args.prompt_len}-token prompt for {n} samples: group (prefill once, broadcast cache) "
-          f"{group_s * 1e3:.2f} ms | prompt repeated {n}x {repeated_s * 1e3:.2f} ms | ratio {repeated_s / group_s:.2f}x")
-    print(f"load average (1/5/15 min) at the end: {format_load()}; other processes on these cores distort both "
-          "columns (PyTorch's OpenMP threads suffer most), so compare runs on an idle machine")
-
+          f"{median['group'] * 1e3:.2f} ms | prompt repeated {n}x {median['repeated'] * 1e3:.2f} ms | ratio "
+          f"{median['repeated'] / median['group']:.2f}x")
+    print(f"load average (1/5/15 min) at the end: {load_average()}; other processes on these cores slow both "
+          "systems, PyTorch's OpenMP threads most, so compare runs at a low load")
 
 if __name__ == "__main__":
     main()

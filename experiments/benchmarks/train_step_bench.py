@@ -60,9 +60,10 @@ import transformers
 from agentflow_jax.models import config as model_config, hf_io
 from agentflow_jax.rl import logprobs as logprobs_lib
 from agentflow_jax.rl import loss as loss_lib
-from agentflow_jax.rl.batch import TurnRecord, pack_turns
+from agentflow_jax.rl.batch import pack_turns
 from agentflow_jax.rl.trainer import make_optimizer
 from common import BENCH_CONFIG, interleaved_seconds, machine_summary
+from flow_grpo_update import make_records, torch_policy_loss, update_flops
 
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-6, 0.01, 1.0
 TOLERANCE = 1e-4  # absolute on loss and mean entropy; relative on each parameter's gradient (L2 norms)
@@ -73,25 +74,6 @@ def hf_config(cfg: dict) -> transformers.Qwen2Config:
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=cfg["num_layers"], num_attention_heads=cfg["num_heads"],
         num_key_value_heads=cfg["num_kv_heads"], tie_word_embeddings=cfg["tie_word_embeddings"])
-
-
-def make_records(batch: int, prompt: int, response: int, vocab: int, seed: int) -> list[TurnRecord]:
-    """`batch` planner calls (4 samples per query) of random tokens; rewards alternate 0/1."""
-    rng = np.random.default_rng(seed)
-    records = []
-    for row in range(batch):
-        ids = rng.integers(1, vocab, prompt + response).tolist()
-        records.append(TurnRecord(query_id=row // 4, trajectory_id=row, prompt_ids=tuple(ids[:prompt]),
-                                  response_ids=tuple(ids[prompt:]), sampler_logprobs=(0.0,) * response,
-                                  reward=float(row % 2)))
-    return records
-
-
-def update_flops(config: model_config.Qwen2Config, batch: int, length: int, head_positions: int) -> float:
-    """Matmul FLOPs of forward + backward with the LM head at `head_positions` positions (docstring)."""
-    head = config.vocab_size * config.hidden_size
-    attention = 6.0 * config.num_layers * batch * length ** 2 * config.num_heads * config.dim_per_head
-    return 6.0 * (config.num_params - head) * batch * length + 6.0 * head * head_positions + attention
 
 
 def ours_update_fn(graphdef: nnx.GraphDef, params: nnx.State, inputs: loss_lib.LossInputs,
@@ -127,39 +109,6 @@ def matmul_peak() -> dict[str, float]:
         fns[f"torch.mm {m}x{k}x{n}"] = lambda ta=ta, tb=tb: torch.mm(ta, tb)
         flops[f"jnp.dot {m}x{k}x{n}"] = flops[f"torch.mm {m}x{k}x{n}"] = 2.0 * m * k * n
     return {key: flops[key] / min(times) for key, times in interleaved_seconds(fns, repeats=10).items()}
-
-
-# ----------------------------------------------------------------------------------------------
-# The same loss in PyTorch (a transcription of loss.py's formulas, token-mean aggregation)
-# ----------------------------------------------------------------------------------------------
-
-
-def torch_policy_loss(model: transformers.Qwen2ForCausalLM, t: dict[str, torch.Tensor], config: loss_lib.LossConfig,
-                      loss_positions_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token-mean Flow-GRPO loss, mean entropy); `loss_positions_only`: LM head on loss-mask positions only."""
-    if loss_positions_only:
-        hidden = model.model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                             use_cache=False).last_hidden_state
-        keep = t["loss_mask"] > 0
-        logits = model.lm_head(hidden[keep])  # [N_loss, V]
-        targets, old, ref = t["targets"][keep], t["old_logprobs"][keep], t["ref_logprobs"][keep]
-        adv = t["advantages"].unsqueeze(-1).expand_as(t["loss_mask"])[keep]
-        mask = torch.ones_like(old)
-    else:
-        logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False).logits
-        targets, old, ref = t["targets"], t["old_logprobs"], t["ref_logprobs"]
-        adv = t["advantages"].unsqueeze(-1)
-        mask = t["loss_mask"]
-    log_probs = torch.log_softmax(logits.float() / config.temperature, dim=-1)
-    logp = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():  # a metric only (entropy_coef = 0), as ours computes it
-        entropy = (-(log_probs.exp() * log_probs).sum(-1) * mask).sum() / mask.sum()
-    ratio = torch.exp(torch.clamp(logp - old, -config.log_ratio_clamp, config.log_ratio_clamp))
-    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - config.clip_low, 1 + config.clip_high))
-    pg = torch.where(adv < 0, torch.minimum(pg, -adv * config.dual_clip), pg)
-    d = torch.clamp(logp - ref, -config.log_ratio_clamp, config.log_ratio_clamp)
-    kl = torch.clamp(torch.exp(-d) + d - 1, -config.k3_value_clamp, config.k3_value_clamp)
-    return ((pg + config.kl_coef * kl) * mask).sum() / mask.sum(), entropy
 
 
 def ours_grads_by_hf_name(grads: nnx.State, config: model_config.Qwen2Config) -> dict[str, np.ndarray]:
