@@ -363,3 +363,39 @@ def test_query_analysis_parse_and_render():
     assert modules.parse_query_analysis("  Needs a lookup.\n") == "Needs a lookup."
     assert modules.parse_query_analysis("") == ""
     assert modules.render_query_analysis_output("Needs a lookup.\n") == "Needs a lookup."
+
+
+# ----------------------------------------------------------------------------- behaviour found by review
+
+def test_executor_json_with_single_backslash_latex_keeps_the_text_as_written():
+    # What 7B models write: LaTeX with single backslashes inside a JSON string. \f and \t are JSON
+    # escapes (form feed, tab) and \l, \s, \c are invalid ones; the text must survive as written.
+    latex = r"Compute \lim_{x \to 0} \frac{\sin x}{x} + \sqrt{2} \cdot 3 \times 4, \neq \beta \left( \right) \(x\)"
+    text = 'Here is the call:\n```json\n{"tool_name": "Python_Code_Generator_Tool", "arguments": {"query": "' + latex + '"}}\n```'
+    command = modules.parse_executor_output(text, expected_tool="Python_Code_Generator_Tool")
+    assert command == ExecutorCommand(ToolCall("Python_Code_Generator_Tool", {"query": latex}))
+
+
+@pytest.mark.parametrize("json_text, value", [
+    (r'"line 1\nline 2"', "line 1\nline 2"),            # a real newline escape before an ordinary word
+    (r'"tab\there"', "tab\there"),                      # \there is not LaTeX: a tab, then "here"
+    (r'"quote \" and \\frac and \/ and \u00e9"', 'quote " and \\frac and / and é'),
+    (r'"\neq \nu \right \times \text{m} \theta"', r"\neq \nu \right \times \text{m} \theta"),
+    (r'"\frac{a}{b} \beta \bmod \u2 \, \;"', r"\frac{a}{b} \beta \bmod \u2 \, \;"),
+])
+def test_json_strings_keep_real_escapes_and_literal_latex(json_text, value):
+    text = '{"tool_name": "T", "arguments": {"query": ' + json_text + '}}'
+    assert modules.parse_executor_output(text).tool_call.arguments == {"query": value}
+
+
+@pytest.mark.parametrize("text, stop", [
+    ("Conclusion: The query is fully answered, STOP.", True),
+    ("All parts are known.\nConclusion: The memory answers the query; STOP", True),
+    ("Conclusion: Information is still missing, so CONTINUE.", False),
+    ("Conclusion: CONTINUE. We should not stop yet.", False),
+    ("**Conclusion:**\n**STOP**", True),
+    ("### Conclusion\nThe year is still unknown. CONTINUE", False),
+])
+def test_verifier_conclusion_written_in_a_sentence(text, stop):
+    decision = modules.parse_verifier_output(text)
+    assert decision.stop is stop and decision.parse_error is None

@@ -17,6 +17,7 @@ demonstrations); parsing a rendered output gives the decision back.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import re
@@ -78,19 +79,72 @@ class GeneratorOutput:
 # ----------------------------------------------------------------------------- shared helpers
 
 def _json_objects(text: str) -> list[dict[str, Any]]:
-    """Every top-level JSON object embedded in `text` (prose and code fences around them ignored)."""
+    r"""Every top-level JSON object embedded in `text` (prose and code fences around them ignored).
+
+    Backslashes inside string values are read as models mean them (`literal_backslashes`): the
+    LaTeX that 7B models write with single backslashes (`"\frac{1}{2}"` for `"\\frac{1}{2}"`)
+    keeps its text instead of turning `\f` into a form feed or making `\lim` a decoding error.
+    """
     decoder = json.JSONDecoder()
     objects = []
     start = text.find("{")
     while start != -1:
+        repaired, inserted = literal_backslashes(text[start:])
         try:
-            value, end = decoder.raw_decode(text, start)
+            value, end = decoder.raw_decode(repaired)
         except json.JSONDecodeError:
             start = text.find("{", start + 1)
             continue
-        objects.append(value)
-        start = text.find("{", end)
+        if isinstance(value, dict):
+            objects.append(value)
+        start = text.find("{", start + end - bisect.bisect_left(inserted, end))
     return objects
+
+
+# LaTeX commands that begin with a letter JSON gives a meaning to after a backslash (\n, \r, \t): only
+# these words are read as LaTeX ("\neq", "\times"); "\nprint" stays a newline then "print".
+_LATEX_AFTER_ESCAPE = frozenset("""
+    nabla ne neq neg ni not notin nu nmid nexists newline nleq ngeq nsubseteq natural nearrow
+    rangle rceil rfloor rho right rightarrow rightleftharpoons rm re rbrace rvert
+    tan tanh tau text textbf textit textrm texttt textstyle tfrac tbinom theta therefore tilde times to top
+    triangle triangleq tt
+    """.split())
+_LETTERS = re.compile(r"[A-Za-z]+")
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+
+
+def literal_backslashes(text: str) -> tuple[str, list[int]]:
+    r"""`text` with the backslashes inside JSON strings that a model meant literally doubled.
+
+    Inside a string (quotes tracked from the start of `text`, which should be a JSON object's
+    opening brace): `\\`, `\"`, `\/` and `\uXXXX` stay escapes; `\n`, `\r`, `\t` stay escapes
+    unless the letters after the backslash spell a LaTeX command (`\neq`, `\right`, `\times`);
+    every other backslash (`\frac`, `\beta`, `\lim`, `\sqrt`, `\(`, `\,`) is a literal backslash.
+    Returns the repaired text and the (sorted) positions in it of the backslashes added.
+    """
+    out: list[str] = []
+    inserted: list[int] = []
+    in_string, i, length = False, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            in_string = not in_string
+        elif ch == "\\" and in_string:
+            following = text[i + 1:i + 2]
+            word = _LETTERS.match(text, i + 1)
+            escape = (following in ('"', "\\", "/")
+                      or (following == "u" and _HEX4.match(text, i + 2) is not None)
+                      or (following in ("n", "r", "t") and word[0].lower() not in _LATEX_AFTER_ESCAPE))
+            if escape:
+                out.append(text[i:i + 2])
+                i, length = i + 2, length + 2
+                continue
+            inserted.append(length)
+            out.append("\\")
+            length += 1
+        out.append(ch)
+        i, length = i + 1, length + 1
+    return "".join(out), inserted
 
 
 def _key(name: str) -> str:
@@ -252,18 +306,32 @@ def render_executor_output(call: ToolCall) -> str:
 
 # ----------------------------------------------------------------------------- verifier
 
-_CONCLUSION = re.compile(r"conclusion\s*:\s*[\"'`*\s]*(stop|continue)\b", re.IGNORECASE)
+_CONCLUSION_LABEL = re.compile(r"conclusion\s*(?::|：|\n)", re.IGNORECASE)
+_LEADING_DECISION = re.compile(r"[\s\"'`*\[(]*(stop|continue)\b", re.IGNORECASE)
+_STATED_DECISION = re.compile(r"\b(STOP|CONTINUE)\b")
+_NO_CONCLUSION = "no 'Conclusion: STOP' or 'Conclusion: CONTINUE' found; continuing"
 
 
 def parse_verifier_output(text: str) -> VerifierDecision:
-    """Reads the last `Conclusion: STOP|CONTINUE` (any case, `**`/quotes tolerated); none -> CONTINUE."""
+    """Reads the decision after the last "Conclusion:" label; none -> CONTINUE with `parse_error` set.
+
+    The decision is the first word after the label (any case, `**`/quotes tolerated: "Conclusion:
+    **stop**"), else the last upper-case STOP or CONTINUE in that line ("Conclusion: The query is
+    fully answered, STOP."). A label alone on its line ("**Conclusion:**" or a "### Conclusion"
+    heading) reads the next non-empty line.
+    """
     text = text.replace("**", "")
-    matches = list(_CONCLUSION.finditer(text))
-    if not matches:
-        return VerifierDecision(stop=False, reasoning=text.strip(),
-                                parse_error="no 'Conclusion: STOP' or 'Conclusion: CONTINUE' found; continuing")
-    last = matches[-1]
-    return VerifierDecision(stop=last.group(1).upper() == "STOP", reasoning=text[:last.start()].strip())
+    labels = list(_CONCLUSION_LABEL.finditer(text))
+    if labels:
+        last = labels[-1]
+        rest = text[last.end():]
+        line = next((line for line in rest.splitlines() if line.strip()), "")
+        leading = _LEADING_DECISION.match(line)
+        stated = _STATED_DECISION.findall(line)
+        decision = leading[1] if leading else (stated[-1] if stated else None)
+        if decision is not None:
+            return VerifierDecision(stop=decision.upper() == "STOP", reasoning=text[:last.start()].strip())
+    return VerifierDecision(stop=False, reasoning=text.strip(), parse_error=_NO_CONCLUSION)
 
 
 def render_verifier_output(reasoning: str, stop: bool) -> str:
