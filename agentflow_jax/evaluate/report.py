@@ -128,16 +128,18 @@ def bar_chart(summaries: Sequence[Mapping[str, Any]], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = PAPER_SYSTEMS[2:]
+    systems = PAPER_SYSTEMS[2:] if any("paper" in s for s in summaries) else ()
     x = np.arange(len(summaries))
     width = 0.8 / (len(systems) + 1)
+    offsets = [(i - len(systems) / 2) * width for i in range(len(systems) + 1)]  # bars centred on each tick
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(summaries) + 2), 3.8))
-    for i, system in enumerate(systems):
+    for offset, system in zip(offsets, systems):
         values = [s["paper"][system] if "paper" in s else np.nan for s in summaries]
-        ax.bar(x + (i - len(systems) / 2) * width, values, width, label=f"paper: {system}", alpha=0.6)
-    ax.bar(x + (len(systems) / 2) * width, [100 * s["accuracy"] for s in summaries], width,
+        ax.bar(x + offset, values, width, label=f"paper: {system}", alpha=0.6)
+    ax.bar(x + offsets[-1], [100 * s["accuracy"] for s in summaries], width,
            yerr=[100 * s["accuracy_std"] for s in summaries], capsize=3, label=OURS, color="black")
-    ax.set_xticks(x + width / 2, [s["title"] for s in summaries], rotation=20)
+    ax.set_xticks(x, [s["title"] for s in summaries], rotation=20)
+    ax.set_xlim(-0.6, len(summaries) - 0.4)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=8)
