@@ -38,20 +38,14 @@ def cases(tmp):
     aime = os.path.join(tmp, "aime24.jsonl")
     with open(aime, "w", encoding="utf-8") as f:
         f.write('{"pid": "0", "query": "What is 6 * 7?", "answer": "42"}\n')
-    bad_items = os.path.join(tmp, "bad_items.jsonl")
-    with open(bad_items, "w", encoding="utf-8") as f:
-        f.write('{"pid": "0", "query": "q", "answer": "1"}\n{"pid": "1", "query": \n')
     evaluate = ["agentflow_jax.evaluate", f"--config={PAPER}", "--benchmark=aime24"]
     return {
         "evaluate, misspelt override": (evaluate + [f"--data={aime}", "--config.eval.batch_sise=4"],
                                         "names no such key: 'batch_sise'"),
         "evaluate, missing data file": (evaluate + ["--data=/nope/aime24.json"],
                                         "benchmark file '/nope/aime24.json' does not exist"),
-        "evaluate, bad data file": (evaluate + [f"--data={bad_items}"], "bad_items.jsonl:2 is not valid JSON"),
         "evaluate, missing model directory": (evaluate + [f"--data={aime}", "--model=/nope/m"],
                                               "model directory '/nope/m' does not exist"),
-        "evaluate, unknown benchmark": (evaluate[:2] + ["--benchmark=aime25", f"--data={aime}"],
-                                        "flag --benchmark=aime25: value should be one of <bamboogle|2wiki"),
         "train, misspelt override": (["agentflow_jax.train", f"--config={PAPER}", "--config.rl.group_sise=4"],
                                      "names no such key: 'group_sise'; Did you mean \"group_size\""),
         "train, misspelt key in the file": (["agentflow_jax.train", f"--config={bad_rl}"],
