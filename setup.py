@@ -21,6 +21,7 @@ RUNTIME = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    "pyarrow>=15",          # parquet sources of the training mixture (data/mixture.py)
 ]
 
 EXTRAS = {

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from agentflow_jax.agent.rollout import RolloutConfig, SamplingParams
 from agentflow_jax.config_reader import ConfigError, check_fields, check_keys, read_section, setting
-from agentflow_jax.engines import Engine
+from agentflow_jax.engines import Engine, engine_from_spec
 from agentflow_jax.optim import OptimConfig
+from agentflow_jax.rl.rewards import LLMJudge
 from agentflow_jax.rl.trainer import FROZEN_ROLES, TrainerConfig
 from agentflow_jax.tools import build_toolbox
 from agentflow_jax.tools.base import Toolbox
@@ -196,6 +197,29 @@ class Experiment:
                              max_time_s=e.max_time_s if evaluation else r.max_time_s,
                              planner=planner, analysis=frozen, executor=frozen, verifier=frozen, generator=frozen,
                              memory_budget_chars=r.memory_budget_chars, compact_tools=r.compact_tools)
+
+
+def frozen_engines(experiment: Experiment) -> dict[str, Engine | None]:
+    """The engine of each frozen role (None: the planner's reference weights); one engine per distinct spec.
+    Shared by training and the evaluate command."""
+    built: dict[str, Engine | None] = {}
+    for role in FROZEN_ROLES:
+        spec = experiment.engines.spec_of(role)
+        if spec not in built:
+            built[spec] = None if spec == REFERENCE_ENGINE else engine_from_spec(spec)
+    return {role: built[experiment.engines.spec_of(role)] for role in FROZEN_ROLES}
+
+
+def reward_judge(experiment: Experiment, records: Sequence[Mapping[str, Any]]) -> LLMJudge | None:
+    """The LLM judge of `engines.judge`, or None when it is empty; a ConfigError when some of `records`
+    are scored by kind "judge" and no judge is configured."""
+    judged = sum(r.get("kind") == "judge" for r in records)
+    if not experiment.engines.judge:
+        if judged:
+            raise ConfigError(f"{experiment.source or 'config'}: {judged} queries are scored by kind 'judge' but "
+                              "config.engines.judge is empty; name the judge's engine (e.g. 'openai:URL,MODEL')")
+        return None
+    return LLMJudge(engine_from_spec(experiment.engines.judge))
 
 
 TOP_LEVEL = ("seed", "workdir", "mesh", "model", "engines", "data", "tools", "rollout", "rl", "optim", "train",

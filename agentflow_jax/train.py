@@ -33,14 +33,12 @@ from agentflow_jax import checkpoint as checkpoint_lib
 from agentflow_jax import cli, distributed, sharding
 from agentflow_jax.config_reader import ConfigError
 from agentflow_jax.data.pipeline import load_queries, make_query_iterator
-from agentflow_jax.engines import Engine, engine_from_spec
 from agentflow_jax.evaluate import evaluate_queries, metrics_from_outcomes, record_outcomes
-from agentflow_jax.experiment import FROZEN_ROLES, REFERENCE_ENGINE, Experiment, read_experiment
+from agentflow_jax.experiment import Experiment, frozen_engines, read_experiment, reward_judge
 from agentflow_jax.models import hf_io
 from agentflow_jax.models.tokenizer import load_tokenizer
 from agentflow_jax.observability import RunLogger, plot_curves
 from agentflow_jax.optim import make_optimizer
-from agentflow_jax.rl.rewards import LLMJudge
 from agentflow_jax.rl.trainer import FlowGRPOTrainer
 
 _CONFIG = cli.config_flag()
@@ -84,7 +82,7 @@ def run(experiment: Experiment) -> RunSummary:
     graphdef, params = nnx.split(model)
     train_data = load_queries(e.data.train_path)
     eval_records = spread_subset(load_queries(e.data.eval_path).records, e.eval.num_queries)
-    judge = _judge(e, train_data.records + tuple(eval_records))
+    judge = reward_judge(e, train_data.records + tuple(eval_records))
     iterator = make_query_iterator(train_data.records, batch_size=e.data.batch_size, seed=e.seed)
     trainer = FlowGRPOTrainer(
         graphdef, params, tokenizer=tokenizer, toolbox_factory=e.tools.build,
@@ -152,33 +150,12 @@ def run(experiment: Experiment) -> RunSummary:
     return summary
 
 
-def frozen_engines(experiment: Experiment) -> dict[str, Engine | None]:
-    """The engine of each frozen role (None: the planner's reference weights); one engine per distinct spec."""
-    built: dict[str, Engine | None] = {}
-    for role in FROZEN_ROLES:
-        spec = experiment.engines.spec_of(role)
-        if spec not in built:
-            built[spec] = None if spec == REFERENCE_ENGINE else engine_from_spec(spec)
-    return {role: built[experiment.engines.spec_of(role)] for role in FROZEN_ROLES}
-
-
 def run_metadata(experiment: Experiment, trainer: FlowGRPOTrainer) -> dict[str, Any]:
     """What the run records beside its results (run_metadata.json, every checkpoint): the checked config,
     versions, devices, and each tool's own record (the Python sandbox's isolation in force)."""
     return {"config": dataclasses.asdict(experiment), "agentflow_jax": agentflow_jax.__version__,
             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()], "processes": jax.process_count(),
             "tools": trainer.toolbox.run_metadata()}
-
-
-def _judge(experiment: Experiment, records: Sequence[Mapping[str, Any]]) -> LLMJudge | None:
-    """The reward judge of `engines.judge`; a ConfigError when judged queries have none."""
-    judged = sum(r.get("kind") == "judge" for r in records)
-    if not experiment.engines.judge:
-        if judged:
-            raise ConfigError(f"{experiment.source or 'config'}: {judged} queries are scored by kind 'judge' but "
-                              "config.engines.judge is empty; name the judge's engine (e.g. 'openai:URL,MODEL')")
-        return None
-    return LLMJudge(engine_from_spec(experiment.engines.judge))
 
 
 def finish(experiment: Experiment, trainer: FlowGRPOTrainer, logger: RunLogger, summary: RunSummary) -> None:

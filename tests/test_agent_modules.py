@@ -83,11 +83,12 @@ def test_planner_prompt_exact_text_for_empty_memory():
         "Previous steps:\nNone yet.\n\n"
         "Plan step 1 of at most 3. Pick the one tool that best advances what is still missing; "
         "do not repeat a step that already succeeded.\n"
-        "Reply with exactly these four lines and nothing after the tool name:\n"
+        "Reply with exactly these four lines, labels as written here (no numbers, no markdown), "
+        "and nothing after the tool name:\n"
         "Justification: <why this tool now>\n"
         "Context: <facts from the query and previous steps that the tool needs>\n"
         "Sub-Goal: <one specific task for the tool>\n"
-        "Tool Name: <exact name of one tool above>")
+        "Tool Name: <one tool name copied exactly from the list above>")
     assert messages == ({"role": "system", "content": prompts.PLANNER_SYSTEM},
                         {"role": "user", "content": expected_user})
 
@@ -115,9 +116,11 @@ def test_executor_prompt_exact_text():
         "Context: Velmora is a city.\n"
         "Sub-goal: Find the founding year of Velmora.\n\n"
         + SEARCH_FULL + "\n\n"
-        "Write the call that achieves the sub-goal as one JSON object, nothing else, in this form:\n"
+        "Write the call that achieves the sub-goal as one JSON object in exactly this form, with no code "
+        "and no explanation:\n"
         '{"tool_name": "Wiki_Search_Tool", "arguments": {"query": "<str>", "top_k": "<int>"}}\n'
-        "Give every required input and only the inputs listed.")
+        "Give every required input and only the inputs listed; the string values must hold the whole "
+        "request, with every name and number it needs.")
     assert messages == ({"role": "system", "content": prompts.EXECUTOR_SYSTEM},
                         {"role": "user", "content": expected_user})
 
@@ -129,7 +132,8 @@ def test_verifier_prompt_ends_with_conclusion_instruction():
     assert user["content"].startswith("Query: q\n\nQuery analysis: analysis\n\nTools:\n- Python_Code")
     assert "Steps so far:\nStep 1: Tool: A\nSub-goal: g\nCommand: c\nResult: r\n\n" in user["content"]
     assert user["content"].endswith("end with exactly one line: 'Conclusion: STOP' if the query is answered, "
-                                     "or 'Conclusion: CONTINUE' if more steps are needed.")
+                                     "or 'Conclusion: CONTINUE' if more steps are needed (STOP or CONTINUE in "
+                                     "capitals, nothing after it).")
 
 
 def test_generator_prompt_asks_for_answer_tags():
@@ -137,7 +141,8 @@ def test_generator_prompt_asks_for_answer_tags():
     assert system["content"] == prompts.GENERATOR_SYSTEM
     assert user["content"] == ("Query: What is 2+2?\n\nSteps taken:\nNone yet.\n\n"
                                "Using these results, reason briefly, then give the final answer inside "
-                               "<answer></answer>. Keep the answer short: a number, name or phrase.")
+                               "<answer></answer> and write nothing after </answer>. Keep the answer short: "
+                               "a number, name or phrase (for a multiple-choice question, the option's letter).")
 
 
 def test_query_analysis_prompt_lists_tools():
@@ -290,7 +295,8 @@ EXPECTED_SHAPE = '; expected one JSON object {"tool_name": ..., "arguments": {..
     ('["Wiki_Search_Tool", "Velmora"]', "no JSON object found"),
     ('"just a string"', "no JSON object found"),
     ('{"tool_name": "Wiki_Search_Tool", "arguments": {"query": "unterminated"', "no JSON object found"),
-    ('{"tool_name": "Wiki_Search_Tool", "query": "Velmora"}', "the JSON object has no 'arguments'"),
+    ('{"tool_name": "Wiki_Search_Tool"}', "the JSON object has no 'arguments'"),
+    ('{"query": "Velmora"}', "the JSON object has no 'arguments'"),  # arguments alone need the planner's tool
     ('{"tool_name": "Wiki_Search_Tool", "arguments": ["Velmora"]}', "'arguments' must be a JSON object, got list"),
     ('{"arguments": {"query": "x"}}', "'tool_name' is missing or not a non-empty string"),
     ('{"tool_name": 7, "arguments": {}}', "'tool_name' is missing or not a non-empty string"),
@@ -363,3 +369,39 @@ def test_query_analysis_parse_and_render():
     assert modules.parse_query_analysis("  Needs a lookup.\n") == "Needs a lookup."
     assert modules.parse_query_analysis("") == ""
     assert modules.render_query_analysis_output("Needs a lookup.\n") == "Needs a lookup."
+
+
+# ----------------------------------------------------------------------------- behaviour found by review
+
+def test_executor_json_with_single_backslash_latex_keeps_the_text_as_written():
+    # What 7B models write: LaTeX with single backslashes inside a JSON string. \f and \t are JSON
+    # escapes (form feed, tab) and \l, \s, \c are invalid ones; the text must survive as written.
+    latex = r"Compute \lim_{x \to 0} \frac{\sin x}{x} + \sqrt{2} \cdot 3 \times 4, \neq \beta \left( \right) \(x\)"
+    text = 'Here is the call:\n```json\n{"tool_name": "Python_Code_Generator_Tool", "arguments": {"query": "' + latex + '"}}\n```'
+    command = modules.parse_executor_output(text, expected_tool="Python_Code_Generator_Tool")
+    assert command == ExecutorCommand(ToolCall("Python_Code_Generator_Tool", {"query": latex}))
+
+
+@pytest.mark.parametrize("json_text, value", [
+    (r'"line 1\nline 2"', "line 1\nline 2"),            # a real newline escape before an ordinary word
+    (r'"tab\there"', "tab\there"),                      # \there is not LaTeX: a tab, then "here"
+    (r'"quote \" and \\frac and \/ and \u00e9"', 'quote " and \\frac and / and é'),
+    (r'"\neq \nu \right \times \text{m} \theta"', r"\neq \nu \right \times \text{m} \theta"),
+    (r'"\frac{a}{b} \beta \bmod \u2 \, \;"', r"\frac{a}{b} \beta \bmod \u2 \, \;"),
+])
+def test_json_strings_keep_real_escapes_and_literal_latex(json_text, value):
+    text = '{"tool_name": "T", "arguments": {"query": ' + json_text + '}}'
+    assert modules.parse_executor_output(text).tool_call.arguments == {"query": value}
+
+
+@pytest.mark.parametrize("text, stop", [
+    ("Conclusion: The query is fully answered, STOP.", True),
+    ("All parts are known.\nConclusion: The memory answers the query; STOP", True),
+    ("Conclusion: Information is still missing, so CONTINUE.", False),
+    ("Conclusion: CONTINUE. We should not stop yet.", False),
+    ("**Conclusion:**\n**STOP**", True),
+    ("### Conclusion\nThe year is still unknown. CONTINUE", False),
+])
+def test_verifier_conclusion_written_in_a_sentence(text, stop):
+    decision = modules.parse_verifier_output(text)
+    assert decision.stop is stop and decision.parse_error is None

@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Lower layers first; a module may import its own layer's modules (acyclically) and lower layers.
 LAYERS = (
     ("errors", "config_reader", "train_state", "optim"),       # foundations: no model, no agent
-    ("sharding", "models", "sampling"),
+    ("sharding", "distributed", "models", "sampling"),
     ("engines",),
     ("tools",),
     ("agent",),

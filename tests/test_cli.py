@@ -35,7 +35,17 @@ def _config_file(directory, name: str, based_on: str, line: str) -> str:
 def cases(tmp):
     bad_rl = _config_file(tmp, "bad_rl.py", PAPER, "config.rl.group_sise = 4")
     bad_toy = _config_file(tmp, "bad_toy.py", TINY, "config.toy.world.num_citiess = 3")
+    aime = os.path.join(tmp, "aime24.jsonl")
+    with open(aime, "w", encoding="utf-8") as f:
+        f.write('{"pid": "0", "query": "What is 6 * 7?", "answer": "42"}\n')
+    evaluate = ["agentflow_jax.evaluate", f"--config={PAPER}", "--benchmark=aime24"]
     return {
+        "evaluate, misspelt override": (evaluate + [f"--data={aime}", "--config.eval.batch_sise=4"],
+                                        "names no such key: 'batch_sise'"),
+        "evaluate, missing data file": (evaluate + ["--data=/nope/aime24.json"],
+                                        "benchmark file '/nope/aime24.json' does not exist"),
+        "evaluate, missing model directory": (evaluate + [f"--data={aime}", "--model=/nope/m"],
+                                              "model directory '/nope/m' does not exist"),
         "train, misspelt override": (["agentflow_jax.train", f"--config={PAPER}", "--config.rl.group_sise=4"],
                                      "names no such key: 'group_sise'; Did you mean \"group_size\""),
         "train, misspelt key in the file": (["agentflow_jax.train", f"--config={bad_rl}"],

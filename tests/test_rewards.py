@@ -154,14 +154,14 @@ def test_unknown_kind_and_missing_judge():
 
 
 def test_judge_parses_verdicts_and_records_malformed_output():
-    replies = iter(["Same number.\nVerdict: True", "Different city.\nVerdict: **false**", "I think they match",
+    replies = iter(["Same number.\nVerdict: True", "Different city.\nVerdict: **false**", "Let me think about it",
                     "verdict: false ... on reflection Verdict: True"])
     engine = ScriptedEngine(lambda request: next(replies))
     judge = rewards.LLMJudge(engine)
     verdicts = judge.judge_many([("0.75", "3/4", "What is 3/4?"), ("Lyon", "Paris", None), ("x", "y", None),
                                  (None, "y", None), ("a", "b", None)])
     assert [v.correct for v in verdicts] == [True, False, False, False, True]
-    assert "malformed" in verdicts[2].reason and "I think they match" in verdicts[2].reason
+    assert "malformed" in verdicts[2].reason and "Let me think about it" in verdicts[2].reason
     assert verdicts[3].reason == "no answer"
     assert len(engine.requests) == 4  # the None answer never reaches the engine
     first = engine.requests[0]
@@ -176,3 +176,124 @@ def test_score_with_judge():
     assert rewards.score_answer("Barack Obama", "Obama", "judge", judge=judge, question="Who?") == 1.0
     assert rewards.score_answer(None, "Obama", "judge", judge=judge) == 0.0
     assert len(engine.requests) == 1
+
+
+# ----------------------------------------------------------------------------- judge verdicts as models write them
+
+@pytest.mark.parametrize("reply, correct", [
+    ("Verdict: True", True),
+    ("The numbers agree.\nVerdict: False", False),
+    ("**Verdict:** **True**", True),
+    ("**Verdict**: false", False),
+    ("<analysis>: same person\n<true_false>: True", True),
+    ("Yes", True),
+    ("No.", False),
+    ("yes, they refer to the same city", True),
+    ("True", True),
+    ("false", False),
+    ("Correct", True),
+    ("Incorrect.", False),
+    ('{"correct": true}', True),
+    ('{"correct": false, "reason": "different year"}', False),
+    ('```json\n{"verdict": "True", "analysis": "0.75 = 3/4"}\n```', True),
+    ('{"analysis": "x", "true_false": "False"}', False),
+    ('{"is_correct": "yes"}', True),
+    ("The candidate names the same person as the gold answer, so it is correct.", True),
+    ("Both describe 1642; the answers are equivalent.", True),
+    ("The candidate says 1643 while the gold says 1642. Therefore the answer is incorrect.", False),
+    ("They are not equivalent.", False),
+    ("The candidate's answer isn't correct.", False),
+    ("The answer does not match.", False),
+    ("Final answer: yes", True),
+    ("Judgement - wrong", False),
+    ("Verdict: false\nOn reflection the units differ only.\nVerdict: True", True),
+])
+def test_parse_verdict_reads_the_forms_models_write(reply, correct):
+    verdict = rewards.parse_verdict(reply)
+    assert verdict.correct is correct and "malformed" not in verdict.reason
+    assert verdict.raw == reply
+
+
+@pytest.mark.parametrize("reply", ["", "Let me think about it.", "{}", '{"analysis": "hmm"}'])
+def test_parse_verdict_without_a_decision_is_incorrect_and_says_so(reply):
+    verdict = rewards.parse_verdict(reply)
+    assert verdict.correct is False and verdict.reason.startswith("malformed judge output")
+
+
+def test_judge_prompt_is_ours_and_asks_for_the_verdict_line():
+    assert rewards.JUDGE_SYSTEM_PROMPT.endswith("'Verdict: True' or 'Verdict: False'.")
+    assert "final answer it commits to" in rewards.JUDGE_SYSTEM_PROMPT  # whole replies may be judged
+
+
+# ----------------------------------------------------------------------------- every scorer: right, wrong, malformed, missing
+
+@pytest.mark.parametrize("kind, gold, right, wrong, malformed", [
+    ("exact", "Barack Obama", "barack obama.", "Joe Biden", ""),
+    ("f1", "Barack Obama", "Barack Obama", "Joe Biden", "!!!"),
+    ("math", "3/4", "\\boxed{0.75}", "\\boxed{0.7}", "\\frac{3}{"),
+    ("choice", "C", "(C)", "(A)", "none of them"),
+    ("game24", "4 7 8 8", "(7 - 8 / 8) * 4", "(7 + 8 / 8) * 4", "7 * 8 ** 8 - 4"),
+])
+def test_each_scorer_on_right_wrong_malformed_and_missing(kind, gold, right, wrong, malformed):
+    assert rewards.score_answer(right, gold, kind) == 1.0
+    assert rewards.score_answer(wrong, gold, kind) == 0.0
+    assert rewards.score_answer(malformed, gold, kind) == 0.0
+    assert rewards.score_answer(None, gold, kind) == 0.0
+
+
+@pytest.mark.parametrize("expression, reason_fragment", [
+    ("The answer is 24", "unexpected character"),
+    ("sqrt(16) * 6", "unexpected character"),
+    ("4! - 7 + 8 - 1", "unexpected character"),
+    ("8 ^ 2 - 7 * 4 - 8", "unexpected character"),
+])
+def test_game24_rejects_non_arithmetic(expression, reason_fragment):
+    check = rewards.check_game24(expression, [4, 7, 8, 8])
+    assert not check.valid and reason_fragment in check.reason
+
+
+# ----------------------------------------------------------------------------- replies without <answer>
+
+@pytest.mark.parametrize("reply, kind, scored", [
+    ("The capital is Paris.", "judge", "The capital is Paris."),
+    ("  Paris  ", "exact", "Paris"),
+    ("First 3 + 4 = 7, then 7 * 2 = 14.\nSo the total is 14 apples.", "math", "14"),
+    ("We get $\\boxed{\\frac{3}{4}}$, i.e. about 0.75 of 1", "math", "\\frac{3}{4}"),
+    ("The population is 1,234,567.", "math", "1234567"),
+    ("Option A is wrong.\nB fits best.\nThe answer is (C).\nHope this helps!", "choice", "The answer is (C)."),
+    ("Try (1 + 1 + 1) × 8 = 24, which works.", "game24", "(1 + 1 + 1) * 8"),
+    ("Using 6 x 4 x (1 x 1) we reach 24.", "game24", "6 * 4 * (1 * 1)"),
+    ("", "judge", None),
+    ("I cannot tell.", "math", None),
+    ("No idea.", "game24", None),
+])
+def test_answer_from_reply(reply, kind, scored):
+    assert rewards.answer_from_reply(reply, kind) == scored
+
+
+class _Trajectory:
+    def __init__(self, query_id, answer, generator_text):
+        self.query_id, self.answer, self.generator_text = query_id, answer, generator_text
+
+
+def test_a_reply_without_answer_tags_is_scored_and_the_judge_sees_the_whole_reply():
+    queries = [{"query": "Who wrote Hamlet?", "answer": "Shakespeare", "kind": "judge"},
+               {"query": "2 + 2?", "answer": "4", "kind": "math"},
+               {"query": "Pick", "answer": "B", "kind": "choice"},
+               {"query": "1 1 4 6", "answer": "1 1 4 6", "kind": "game24"},
+               {"query": "Who?", "answer": "Obama", "kind": "exact"}]
+    engine = ScriptedEngine(lambda request: "Verdict: True")
+    trajectories = [_Trajectory(0, None, "It was written by William Shakespeare around 1600."),
+                    _Trajectory(1, None, "2 + 2 makes 4"),
+                    _Trajectory(2, None, "I choose (B)"),
+                    _Trajectory(3, None, "6 * 4 * 1 * 1 = 24"),
+                    _Trajectory(4, "Obama", "<answer>Obama</answer>"),
+                    _Trajectory(1, None, "")]
+    scores = rewards.score_trajectories(trajectories, queries, judge=rewards.LLMJudge(engine))
+    assert scores.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    (request,) = engine.requests
+    assert "Candidate answer: It was written by William Shakespeare around 1600." in request.messages[-1]["content"]
+    details = rewards.score_details(trajectories, queries, judge=rewards.LLMJudge(engine))
+    assert [d.scored_text for d in details] == [trajectories[0].generator_text, "4", "I choose (B)",
+                                                "6 * 4 * 1 * 1", "Obama", None]
+    assert details[0].verdict.correct and details[1].verdict is None

@@ -140,11 +140,63 @@ def test_continue_until_turn_limit():
 
 
 def test_time_limit_stops_loop_and_generator_still_runs():
-    ticks = iter(range(0, 10_000, 100))  # each clock read advances 100 s
+    ticks = iter(range(0, 10_000, 100))  # each clock read advances 100 s: every engine call lasts 100 s
     (traj,) = run(["timelimit"], config=RolloutConfig(max_turns=10, max_time_s=250), clock=lambda: next(ticks))
     assert traj.stop_reason == "time_limit"
-    assert len(traj.turns) == 3  # reads at 100, 200 (< 250), then 300 >= 250
-    assert traj.answer == "timelimit-3"
+    # analysis 100 s, then per turn planner + executor + verifier 300 s: 400 s >= 250 after turn 1
+    assert len(traj.turns) == 1
+    assert traj.answer == "timelimit-1"
+    assert traj.elapsed_s == pytest.approx(100 + 300 + 100 + traj.turns[0].result.elapsed_s)
+
+
+class FakeClock:
+    """Seconds that pass only when an engine answers: `cost` seconds per request."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class TimedEngine:
+    """A scripted engine whose batched call takes `cost` seconds per request on a FakeClock."""
+
+    def __init__(self, reply, clock: FakeClock, cost: float):
+        self.engine, self.clock, self.cost = ScriptedEngine(reply), clock, cost
+
+    def generate(self, requests):
+        self.clock.now += self.cost * len(requests)
+        return self.engine.generate(requests)
+
+
+class TimedToolbox(Toolbox):
+    """The test toolbox, each call reporting `tool_s` seconds of its own."""
+
+    tool_s = 1.5
+
+    def execute_many(self, calls):
+        return [dataclasses.replace(r, elapsed_s=self.tool_s) for r in super().execute_many(calls)]
+
+
+def test_each_query_is_timed_on_its_own_not_by_its_batch():
+    clock = FakeClock()
+    planner, frozen = TimedEngine(planner_reply, clock, 10.0), TimedEngine(frozen_reply, clock, 10.0)
+    tools = TimedToolbox([EchoTool()], call_timeout_s=5)
+    config = RolloutConfig(max_turns=10, max_time_s=75.0)
+    valid, slow = rollout_batch(["valid", "continue"], n=1, planner=planner, frozen=frozen, toolbox=tools,
+                                config=config, clock=clock)
+    # Every call costs 10 s per request and is shared equally by its requests: 10 s each. The analysis,
+    # each module of turn 1 and the generator serve both queries; turns 2+ serve "continue" alone.
+    per_turn = 10 + 10 + 1.5 + 10          # planner + executor + own tool call + verifier
+    assert valid.stop_reason == "verifier" and len(valid.turns) == 1
+    assert valid.elapsed_s == pytest.approx(10 + per_turn + 10)
+    # "continue": 10 + 31.5 = 41.5 s after turn 1, 73 s after turn 2 (< 75), 104.5 s after turn 3: stop.
+    assert slow.stop_reason == "time_limit" and len(slow.turns) == 3
+    assert slow.elapsed_s == pytest.approx(10 + 3 * per_turn + 10)
+    # The batch's own clock read 80 s after turn 1 (analysis 20 + three calls of 20): timing by the batch
+    # would have stopped "continue" after turn 1. In all: 2 + 6 (turn 1) + 3 + 3 + 2 requests of 10 s.
+    assert clock.now == pytest.approx(10 * (2 + 6 + 3 + 3 + 2))
 
 
 def test_tool_exception_becomes_result():

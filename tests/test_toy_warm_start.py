@@ -5,6 +5,8 @@ engine spec only."""
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -170,7 +172,7 @@ def test_toy_config_runs_two_flow_grpo_steps_end_to_end(tmp_path):
     config.train.save_every = 1
     config.train.progress_bar = False
     config.eval.every = 2
-    config.eval.num_queries = 6
+    config.eval.num_queries = 9              # every held-out question, so the evaluate command sees the same items
     config.eval.batch_size = 6
     toy = read(config)
     warm_start.ensure_warm_start(toy)
@@ -185,9 +187,31 @@ def test_toy_config_runs_two_flow_grpo_steps_end_to_end(tmp_path):
     assert all(np.isfinite(r["reward"]) and r["planner_calls"] > 0 for r in steps)
     # Held-out records keep their question type and oracle tools, so the breakdowns are logged.
     for metrics in (summary.initial_eval, summary.final_eval):
-        assert metrics["eval_count"] == 6
+        assert metrics["eval_count"] == 9
         assert {"eval_accuracy/lookup", "eval_accuracy/arithmetic", "eval_accuracy/composition",
                 "eval_tool_choice"} <= set(metrics)
     assert os.path.isfile(os.path.join(config.workdir, "curves.png"))
     exported = hf_io.load_pretrained(os.path.join(config.workdir, "planner_hf"), dtype=jnp.float32)
     assert exported.config.vocab_size == hf_io.load_pretrained(config.model.path).config.vocab_size
+
+    # The evaluate command on the held-out questions (a custom benchmark: rows carry their scorer kind),
+    # from the trained checkpoint, with the demo's engines and loop limits: the demo's accuracy again.
+    out = os.path.join(config.workdir, "table1")
+    command = [sys.executable, "-m", "agentflow_jax.evaluate", f"--config={CONFIG_PATH}",
+               f"--config.workdir={config.workdir}", "--config.eval.batch_size=6", "--benchmark=custom",
+               f"--data={toy.paths.queries('heldout')}", f"--checkpoint={config.workdir}/checkpoints",
+               f"--max_turns={config.eval.max_turns}", f"--max_time_s={config.eval.max_time_s}",
+               f"--output_dir={out}", "--noprogress"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(os.path.join(out, "heldout_queries", "summary.json"), encoding="utf-8") as f:
+        evaluated = json.load(f)
+    assert evaluated["items"] == 9
+    assert evaluated["accuracy"] == pytest.approx(summary.final_eval["eval_accuracy"])
+    for qtype in ("lookup", "arithmetic", "composition"):
+        assert evaluated[f"accuracy/{qtype}"] == pytest.approx(summary.final_eval[f"eval_accuracy/{qtype}"])
+    assert evaluated["tool_choice/lookup"] == pytest.approx(summary.final_eval["eval_tool_choice/lookup"])
+    table = open(os.path.join(out, "table.md"), encoding="utf-8").read()
+    assert f"| **ours (this run)** | {100 * evaluated['accuracy']:.1f} |" in table
+    assert os.path.isfile(os.path.join(out, "chart.png"))

@@ -17,6 +17,8 @@ demonstrations); parsing a rendered output gives the decision back.
 
 from __future__ import annotations
 
+import ast
+import bisect
 import dataclasses
 import json
 import re
@@ -78,19 +80,72 @@ class GeneratorOutput:
 # ----------------------------------------------------------------------------- shared helpers
 
 def _json_objects(text: str) -> list[dict[str, Any]]:
-    """Every top-level JSON object embedded in `text` (prose and code fences around them ignored)."""
+    r"""Every top-level JSON object embedded in `text` (prose and code fences around them ignored).
+
+    Backslashes inside string values are read as models mean them (`literal_backslashes`): the
+    LaTeX that 7B models write with single backslashes (`"\frac{1}{2}"` for `"\\frac{1}{2}"`)
+    keeps its text instead of turning `\f` into a form feed or making `\lim` a decoding error.
+    """
     decoder = json.JSONDecoder()
     objects = []
     start = text.find("{")
     while start != -1:
+        repaired, inserted = literal_backslashes(text[start:])
         try:
-            value, end = decoder.raw_decode(text, start)
+            value, end = decoder.raw_decode(repaired)
         except json.JSONDecodeError:
             start = text.find("{", start + 1)
             continue
-        objects.append(value)
-        start = text.find("{", end)
+        if isinstance(value, dict):
+            objects.append(value)
+        start = text.find("{", start + end - bisect.bisect_left(inserted, end))
     return objects
+
+
+# LaTeX commands that begin with a letter JSON gives a meaning to after a backslash (\n, \r, \t): only
+# these words are read as LaTeX ("\neq", "\times"); "\nprint" stays a newline then "print".
+_LATEX_AFTER_ESCAPE = frozenset("""
+    nabla ne neq neg ni not notin nu nmid nexists newline nleq ngeq nsubseteq natural nearrow
+    rangle rceil rfloor rho right rightarrow rightleftharpoons rm re rbrace rvert
+    tan tanh tau text textbf textit textrm texttt textstyle tfrac tbinom theta therefore tilde times to top
+    triangle triangleq tt
+    """.split())
+_LETTERS = re.compile(r"[A-Za-z]+")
+_HEX4 = re.compile(r"[0-9a-fA-F]{4}")
+
+
+def literal_backslashes(text: str) -> tuple[str, list[int]]:
+    r"""`text` with the backslashes inside JSON strings that a model meant literally doubled.
+
+    Inside a string (quotes tracked from the start of `text`, which should be a JSON object's
+    opening brace): `\\`, `\"`, `\/` and `\uXXXX` stay escapes; `\n`, `\r`, `\t` stay escapes
+    unless the letters after the backslash spell a LaTeX command (`\neq`, `\right`, `\times`);
+    every other backslash (`\frac`, `\beta`, `\lim`, `\sqrt`, `\(`, `\,`) is a literal backslash.
+    Returns the repaired text and the (sorted) positions in it of the backslashes added.
+    """
+    out: list[str] = []
+    inserted: list[int] = []
+    in_string, i, length = False, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            in_string = not in_string
+        elif ch == "\\" and in_string:
+            following = text[i + 1:i + 2]
+            word = _LETTERS.match(text, i + 1)
+            escape = (following in ('"', "\\", "/")
+                      or (following == "u" and _HEX4.match(text, i + 2) is not None)
+                      or (following in ("n", "r", "t") and word[0].lower() not in _LATEX_AFTER_ESCAPE))
+            if escape:
+                out.append(text[i:i + 2])
+                i, length = i + 2, length + 2
+                continue
+            inserted.append(length)
+            out.append("\\")
+            length += 1
+        out.append(ch)
+        i, length = i + 1, length + 1
+    return "".join(out), inserted
 
 
 def _key(name: str) -> str:
@@ -104,8 +159,21 @@ def _as_text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+_TRAILING_ENUMERATOR = re.compile(r"\n[ \t]*(?:\d+[.)]|[-*•#]+)[ \t]*$")
+
+
+_BOLD = re.compile(r"\*\*(\S(?:[^\n]*?\S)?)\*\*")
+
+
+def _unbold(text: str) -> str:
+    """`text` without markdown bold markers ("**Context:**" -> "Context:"); a power "12 ** 7" stays."""
+    return _BOLD.sub(r"\1", text)
+
+
 def _clean(text: str) -> str:
-    return text.strip(" \t\r\n*")
+    """A field's text without surrounding blanks and `*`, and without the "2." / "-" / "###" that
+    numbered or bulleted replies put before the next label."""
+    return _TRAILING_ENUMERATOR.sub("", text.strip(" \t\r\n*")).strip(" \t\r\n*")
 
 
 # ----------------------------------------------------------------------------- query analysis
@@ -124,16 +192,32 @@ def render_query_analysis_output(analysis: str) -> str:
 
 _PLANNER_FIELDS = {"justification": "justification", "context": "context", "subgoal": "sub_goal",
                    "toolname": "tool_name"}
-_JUSTIFICATION_LABEL = re.compile(r"justification\s*:", re.IGNORECASE)
-_CONTEXT_LABEL = re.compile(r"context\s*:", re.IGNORECASE)
-_SUB_GOAL_LABEL = re.compile(r"sub[\s_-]*goal\s*:", re.IGNORECASE)
-_TOOL_NAME_LABEL = re.compile(r"tool[\s_-]*name\s*:", re.IGNORECASE)
+
+
+def _label(word: str) -> re.Pattern[str]:
+    """A field label: `Word:` anywhere, or a markdown heading `### Word` on a line of its own."""
+    return re.compile(rf"{word}\s*:|^[ \t]*#{{1,6}}[ \t]*{word}[ \t]*$", re.IGNORECASE | re.MULTILINE)
+
+
+_JUSTIFICATION_LABEL = _label("justification")
+_CONTEXT_LABEL = _label("context")
+_SUB_GOAL_LABEL = _label(r"sub[\s_-]*goal")
+_TOOL_NAME_LABEL = _label(r"tool[\s_-]*name")
 
 
 def _resolve_tool(raw_name: str, tools: Tools) -> str | None:
-    """The canonical name of the tool `raw_name` refers to (case, spaces, underscores ignored), or None."""
+    """The canonical name of the tool `raw_name` refers to, or None: equal names ignoring case, spaces,
+    hyphens and underscores; else the one tool name that the text contains ("`Wikipedia_RAG_Search_Tool`
+    (for the birth year)"), the earliest when several do."""
+    if not raw_name:
+        return None
     by_key = {normalize_tool_name(m.name): m.name for m in tool_metadata(tools)}
-    return by_key.get(normalize_tool_name(raw_name)) if raw_name else None
+    key = normalize_tool_name(raw_name)
+    if key in by_key:
+        return by_key[key]
+    padded = f"_{re.sub(r'[^a-z0-9]+', '_', raw_name.lower())}_"
+    found = [(padded.find(f"_{k}_"), name) for k, name in by_key.items() if f"_{k}_" in padded]
+    return min(found)[1] if found else None
 
 
 def _planner_step_from_fields(fields: Mapping[str, str], tools: Tools) -> PlannerStep:
@@ -161,7 +245,7 @@ def _last_label_before(label: re.Pattern[str], text: str, end: int) -> re.Match[
 
 def _planner_fields_from_labels(text: str) -> dict[str, str] | str:
     """Fields of the last `Context: … Sub-Goal: … Tool Name: …` block, or what is missing."""
-    text = text.replace("**", "")
+    text = _unbold(text)
     tool = _last_label_before(_TOOL_NAME_LABEL, text, len(text))
     if tool is None:
         return "no 'Tool Name:' field"
@@ -219,19 +303,30 @@ def _executor_error(problem: str) -> ExecutorCommand:
 def parse_executor_output(text: str, *, expected_tool: str | None = None) -> ExecutorCommand:
     """Reads the executor's call from the last JSON object that looks like one.
 
-    Tolerates code fences and prose around the object. With `expected_tool` (the planner's choice),
+    Tolerates code fences and prose around the object, single-backslash LaTeX in its strings
+    (`literal_backslashes`), and the other shapes 7B models write: a Python dict literal (single
+    quotes, True / None), a call `tool.execute(query="...")` or `Tool_Name(query="...")`, the
+    arguments beside "tool_name" instead of under "arguments", "arguments" as a JSON string, and
+    (with `expected_tool`) the arguments object alone. With `expected_tool` (the planner's choice),
     a missing "tool_name" defaults to it, a different tool is an error, and the call carries the
     expected (canonical) name. Arguments are checked against the schema later, by Toolbox.execute.
     """
-    objects = _json_objects(text)
+    objects = _json_objects(text) or _python_dicts(text) or _call_expressions(text)
     if not objects:
         return _executor_error("no JSON object found")
     call_keys = {"toolname", "arguments"}
     obj = next((o for o in reversed(objects) if call_keys & {_key(k) for k in o}), objects[-1])
     fields = {_key(k): v for k, v in obj.items()}
-    if "arguments" not in fields:
+    if "arguments" in fields:
+        arguments = fields["arguments"]
+        if isinstance(arguments, str) and arguments.strip().startswith("{"):
+            arguments = next(iter(_json_objects(arguments)), arguments)
+    elif "toolname" in fields and len(fields) > 1:
+        arguments = {k: v for k, v in obj.items() if _key(k) != "toolname"}
+    elif "toolname" not in fields and expected_tool is not None:
+        arguments = dict(obj)
+    else:
         return _executor_error("the JSON object has no 'arguments'")
-    arguments = fields["arguments"]
     if not isinstance(arguments, dict):
         return _executor_error(f"'arguments' must be a JSON object, got {type(arguments).__name__}")
     tool_name = fields.get("toolname", expected_tool)
@@ -245,6 +340,74 @@ def parse_executor_output(text: str, *, expected_tool: str | None = None) -> Exe
     return ExecutorCommand(ToolCall(tool_name=tool_name.strip(), arguments=arguments))
 
 
+def _balanced_end(text: str, start: int) -> int | None:
+    """The index after the bracket closing the one at `start` ("{" or "("), quotes respected; None if unclosed."""
+    pairs = {"{": "}", "(": ")", "[": "]"}
+    stack, quote, i = [], None, start
+    while i < len(text):
+        ch = text[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = None
+        elif ch in "\"'":
+            quote = ch
+        elif ch in pairs:
+            stack.append(pairs[ch])
+        elif stack and ch == stack[-1]:
+            stack.pop()
+            if not stack:
+                return i + 1
+        i += 1
+    return None
+
+
+def _python_dicts(text: str) -> list[dict[str, Any]]:
+    """Python dict literals in `text` ({'tool_name': 'X', 'arguments': {'query': 'q'}}), outermost only."""
+    found, start = [], text.find("{")
+    while start != -1:
+        end = _balanced_end(text, start)
+        value = _literal(text[start:end]) if end else None
+        if isinstance(value, dict):
+            found.append(value)
+            start = text.find("{", end)
+        else:
+            start = text.find("{", start + 1)
+    return found
+
+
+_CALL = re.compile(r"(?:\b\w+\s*\.\s*)?\b(execute|[A-Za-z]\w*_Tool)\s*\(")
+
+
+def _call_expressions(text: str) -> list[dict[str, Any]]:
+    """Calls written as code: `tool.execute(query="...")` (tool unnamed) or `Some_Tool(query="...")`, with
+    literal keyword arguments, as {"tool_name"?: ..., "arguments": {...}}."""
+    found = []
+    for match in _CALL.finditer(text):
+        end = _balanced_end(text, match.end() - 1)
+        try:
+            call = ast.parse("f" + text[match.end() - 1:end], mode="eval").body if end else None
+        except SyntaxError:
+            continue
+        if not isinstance(call, ast.Call) or call.args or not call.keywords:
+            continue
+        try:
+            arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg}
+        except ValueError:
+            continue
+        name = match.group(1)
+        found.append({"arguments": arguments} if name == "execute" else {"tool_name": name, "arguments": arguments})
+    return found
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+
+
 def render_executor_output(call: ToolCall) -> str:
     """Ideal executor output: the call as one JSON object (same text as memory's Command lines)."""
     return format_command(call)
@@ -252,18 +415,38 @@ def render_executor_output(call: ToolCall) -> str:
 
 # ----------------------------------------------------------------------------- verifier
 
-_CONCLUSION = re.compile(r"conclusion\s*:\s*[\"'`*\s]*(stop|continue)\b", re.IGNORECASE)
+_CONCLUSION_LABEL = re.compile(r"conclusion\s*(?::|：|\n)", re.IGNORECASE)
+_LEADING_DECISION = re.compile(r"[\s\"'`*\[(]*(stop|continue)\b", re.IGNORECASE)
+_STATED_DECISION = re.compile(r"\b(STOP|CONTINUE)\b")
+_DECISION_LINE = re.compile(r"[\s#>\"'`*\[(]*(stop|continue)[\s\"'`*.!)\]]*", re.IGNORECASE)
+_NO_CONCLUSION = "no 'Conclusion: STOP' or 'Conclusion: CONTINUE' found; continuing"
 
 
 def parse_verifier_output(text: str) -> VerifierDecision:
-    """Reads the last `Conclusion: STOP|CONTINUE` (any case, `**`/quotes tolerated); none -> CONTINUE."""
-    text = text.replace("**", "")
-    matches = list(_CONCLUSION.finditer(text))
-    if not matches:
-        return VerifierDecision(stop=False, reasoning=text.strip(),
-                                parse_error="no 'Conclusion: STOP' or 'Conclusion: CONTINUE' found; continuing")
-    last = matches[-1]
-    return VerifierDecision(stop=last.group(1).upper() == "STOP", reasoning=text[:last.start()].strip())
+    """Reads the decision after the last "Conclusion:" label; none -> CONTINUE with `parse_error` set.
+
+    The decision is the first word after the label (any case, `**`/quotes tolerated: "Conclusion:
+    **stop**"), else the last upper-case STOP or CONTINUE in that line ("Conclusion: The query is
+    fully answered, STOP."). A label alone on its line ("**Conclusion:**" or a "### Conclusion"
+    heading) reads the next non-empty line. Without a label, a last line holding only the decision
+    ("**STOP**") counts.
+    """
+    text = _unbold(text)
+    labels = list(_CONCLUSION_LABEL.finditer(text))
+    if labels:
+        last = labels[-1]
+        rest = text[last.end():]
+        line = next((line for line in rest.splitlines() if line.strip()), "")
+        leading = _LEADING_DECISION.match(line)
+        stated = _STATED_DECISION.findall(line)
+        decision = leading[1] if leading else (stated[-1] if stated else None)
+        if decision is not None:
+            return VerifierDecision(stop=decision.upper() == "STOP", reasoning=text[:last.start()].strip())
+    lines = [line for line in text.splitlines() if line.strip()]
+    alone = _DECISION_LINE.fullmatch(lines[-1]) if lines and not labels else None
+    if alone:
+        return VerifierDecision(stop=alone[1].upper() == "STOP", reasoning="\n".join(lines[:-1]).strip())
+    return VerifierDecision(stop=False, reasoning=text.strip(), parse_error=_NO_CONCLUSION)
 
 
 def render_verifier_output(reasoning: str, stop: bool) -> str:

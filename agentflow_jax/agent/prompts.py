@@ -2,8 +2,13 @@
 generator).
 
 Each builder is a pure, deterministic function returning chat messages (system + user). The texts
-are our own and deliberately compact: the CPU toy world trains a tiny model on them. The matching
-parsers and ideal-output renderers live in `agent.modules`.
+are our own and deliberately compact (the CPU toy world trains a tiny model on them), and each spells
+out its output format in the words an off-the-shelf Qwen2.5-7B-Instruct follows: labels as written,
+no numbering or markdown, one JSON object, the decision in capitals, nothing after </answer>. The
+matching parsers (which also accept the variations such models still write; tests/test_model_outputs.py)
+and ideal-output renderers live in `agent.modules`. The toy world's scripted frozen model reads
+these prompts by their section markers ("Query: ", "Sub-goal: ", "Steps so far:", "Plan step N of at
+most M."): keep them when changing the texts, or change `toy/frozen.py` with them.
 
 Tools are rendered sorted by name so a prompt does not depend on the order a toolbox was built in;
 `compact_tools=True` lists one line per tool for small context budgets.
@@ -102,11 +107,12 @@ def build_planner_prompt(memory: Memory, tools: Tools, *, step: int, max_steps: 
             f"Previous steps:\n{_steps_section(memory, memory_budget_chars)}\n\n"
             f"Plan step {step} of at most {max_steps}. Pick the one tool that best advances what is "
             "still missing; do not repeat a step that already succeeded.\n"
-            "Reply with exactly these four lines and nothing after the tool name:\n"
+            "Reply with exactly these four lines, labels as written here (no numbers, no markdown), "
+            "and nothing after the tool name:\n"
             "Justification: <why this tool now>\n"
             "Context: <facts from the query and previous steps that the tool needs>\n"
             "Sub-Goal: <one specific task for the tool>\n"
-            "Tool Name: <exact name of one tool above>")
+            "Tool Name: <one tool name copied exactly from the list above>")
     return _chat(PLANNER_SYSTEM, user)
 
 
@@ -121,9 +127,11 @@ def build_executor_prompt(query: str, sub_goal: str, tool: ToolMetadata, context
             f"Context: {context}\n"
             f"Sub-goal: {sub_goal}\n\n"
             f"{render_tool(tool)}\n\n"
-            "Write the call that achieves the sub-goal as one JSON object, nothing else, in this form:\n"
+            "Write the call that achieves the sub-goal as one JSON object in exactly this form, with no code "
+            "and no explanation:\n"
             f"{_call_template(tool)}\n"
-            "Give every required input and only the inputs listed.")
+            "Give every required input and only the inputs listed; the string values must hold the whole "
+            "request, with every name and number it needs.")
     return _chat(EXECUTOR_SYSTEM, user)
 
 
@@ -137,7 +145,8 @@ def build_verifier_prompt(memory: Memory, tools: Tools, *,
             f"Steps so far:\n{_steps_section(memory, memory_budget_chars)}\n\n"
             "Check whether these results fully and consistently answer every part of the query. "
             "Reason briefly, then end with exactly one line: 'Conclusion: STOP' if the query is "
-            "answered, or 'Conclusion: CONTINUE' if more steps are needed.")
+            "answered, or 'Conclusion: CONTINUE' if more steps are needed (STOP or CONTINUE in capitals, "
+            "nothing after it).")
     return _chat(VERIFIER_SYSTEM, user)
 
 
@@ -147,5 +156,6 @@ def build_generator_prompt(memory: Memory, *,
     user = (f"Query: {memory.query}\n\n"
             f"Steps taken:\n{_steps_section(memory, memory_budget_chars)}\n\n"
             "Using these results, reason briefly, then give the final answer inside "
-            "<answer></answer>. Keep the answer short: a number, name or phrase.")
+            "<answer></answer> and write nothing after </answer>. Keep the answer short: a number, name "
+            "or phrase (for a multiple-choice question, the option's letter).")
     return _chat(GENERATOR_SYSTEM, user)

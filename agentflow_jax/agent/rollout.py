@@ -14,6 +14,13 @@ writes every final answer.
         stop on STOP, at the turn limit, or past the per-query time limit
     generator -> <answer>
 
+Time limit per query, not per batch: each trajectory is charged its own time, `Trajectory.elapsed_s`,
+and stops after the turn in which that time reaches `max_time_s` (the generator still runs). A
+batched engine call of d seconds serving k requests charges each of them d / k (the query analysis,
+shared by a query's n samples, charges each of them its request's share); a tool call charges its
+own trajectory the call's own duration (`ToolResult.elapsed_s`). So a query is not stopped early
+because slower queries share its batch, and its seconds are comparable across batch sizes.
+
 Everything a trajectory learns is threaded through immutable values (`Memory`, `TurnLog`,
 `Trajectory`); each turn produces new ones.
 """
@@ -142,6 +149,8 @@ class Trajectory:
       turns: per-turn logs, oldest first.
       stop_reason: "verifier" (STOP), "max_turns" or "time_limit"; "" while running.
       generator_text, answer: the final output and its extracted <answer> (None if absent).
+      elapsed_s: the seconds charged to this trajectory (module docstring: its shares of batched
+        engine calls plus its own tool calls).
     """
 
     query_id: int
@@ -177,13 +186,16 @@ def _jsonable(value: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 
 
-def _texts(engine: Engine, requests: list[GenerationRequest]) -> list[Generation]:
+def _texts(engine: Engine, requests: list[GenerationRequest], clock: Callable[[], float]) -> tuple[
+        list[Generation], float]:
+    """The engine's generations for `requests` (one batched call) and each request's share of its seconds."""
     if not requests:
-        return []
+        return [], 0.0
+    start = clock()
     generations = engine.generate(requests)
     if len(generations) != len(requests):
         raise RuntimeError(f"engine returned {len(generations)} generations for {len(requests)} requests")
-    return generations
+    return generations, (clock() - start) / len(requests)
 
 
 def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: Engine | FrozenEngines,
@@ -204,7 +216,7 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
         (`GenerationRequest.sample_id`): a process that rolls out its share of a global batch passes
         the index of its first trajectory there, so each trajectory samples the same tokens however
         the batch is split.
-      clock: seconds, monotonic (injectable for tests).
+      clock: seconds, monotonic, timing the engine calls (injectable for tests; tool calls time themselves).
     Returns:
       len(queries) * n trajectories, grouped by query (query 0's n samples first).
     """
@@ -212,14 +224,14 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
         raise ValueError(f"n must be >= 1, got {n}")
     engines = frozen if isinstance(frozen, FrozenEngines) else FrozenEngines.shared(frozen)
     notify = observer or (lambda event: None)
-    start = clock()
-    analyses = _texts(engines.analysis, [config.analysis.request(
-        prompts.build_query_analysis_prompt(q, toolbox, compact_tools=config.compact_tools)) for q in queries])
+    analyses, analysis_s = _texts(engines.analysis, [config.analysis.request(
+        prompts.build_query_analysis_prompt(q, toolbox, compact_tools=config.compact_tools)) for q in queries], clock)
     for qi, analysis in enumerate(analyses):
         notify(RolloutEvent("analysis", qi * n, 0, analysis.text))
     trajectories = [
         Trajectory(query_id=qi, sample_id=s,
-                   memory=Memory(query=q).with_analysis(modules.parse_query_analysis(analyses[qi].text)))
+                   memory=Memory(query=q).with_analysis(modules.parse_query_analysis(analyses[qi].text)),
+                   elapsed_s=analysis_s)
         for qi, q in enumerate(queries) for s in range(n)
     ]
     for turn in range(1, config.max_turns + 1):
@@ -228,35 +240,35 @@ def rollout_batch(queries: Sequence[str], *, n: int, planner: Engine, frozen: En
             break
         stepped = _run_turn([trajectories[i] for i in active], turn, planner=planner, engines=engines,
                             toolbox=toolbox, config=config, sample_ids=[first_sample_id + i for i in active],
-                            notify=lambda kind, j, data: notify(RolloutEvent(kind, active[j], turn, data)))
-        elapsed = clock() - start
+                            clock=clock, notify=lambda kind, j, data: notify(RolloutEvent(kind, active[j], turn, data)))
         for i, traj in zip(active, stepped):
-            if not traj.done and elapsed >= config.max_time_s:
+            if not traj.done and traj.elapsed_s >= config.max_time_s:
                 traj = dataclasses.replace(traj, stop_reason="time_limit")
             elif not traj.done and turn == config.max_turns:
                 traj = dataclasses.replace(traj, stop_reason="max_turns")
             trajectories[i] = traj
-    finals = _texts(engines.generator, [config.generator.request(
+    finals, generator_s = _texts(engines.generator, [config.generator.request(
         prompts.build_generator_prompt(t.memory, memory_budget_chars=config.memory_budget_chars), first_sample_id + i)
-        for i, t in enumerate(trajectories)])
-    elapsed = clock() - start
+        for i, t in enumerate(trajectories)], clock)
     finished = [dataclasses.replace(t, generator_text=g.text, answer=modules.parse_generator_output(g.text).answer,
-                                    elapsed_s=elapsed) for t, g in zip(trajectories, finals)]
+                                    elapsed_s=t.elapsed_s + generator_s) for t, g in zip(trajectories, finals)]
     for i, trajectory in enumerate(finished):
         notify(RolloutEvent("answer", i, 0, trajectory))
     return finished
 
 
 def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, engines: FrozenEngines,
-              toolbox: Toolbox, config: RolloutConfig, sample_ids: Sequence[int],
+              toolbox: Toolbox, config: RolloutConfig, sample_ids: Sequence[int], clock: Callable[[], float],
               notify: Callable[[str, int, Any], None]) -> list[Trajectory]:
-    """One turn for every given (active) trajectory: plan, execute, run tools, verify; `notify(kind, j,
-    data)` reports each step of trajectory j as it completes."""
+    """One turn for every given (active) trajectory: plan, execute, run tools, verify, each trajectory
+    charged its share of the turn's engine calls and its own tool call; `notify(kind, j, data)`
+    reports each step of trajectory j as it completes."""
     planner_messages = [prompts.build_planner_prompt(
         t.memory, toolbox, step=turn, max_steps=config.max_turns, memory_budget_chars=config.memory_budget_chars,
         compact_tools=config.compact_tools) for t in trajectories]
-    planned = _texts(planner, [config.planner.request(m, sample_id) for m, sample_id in zip(planner_messages,
-                                                                                            sample_ids)])
+    planned, planner_s = _texts(planner, [config.planner.request(m, sample_id)
+                                          for m, sample_id in zip(planner_messages, sample_ids)], clock)
+    seconds = [planner_s] * len(trajectories)
     calls = [PlannerCall(messages=m, text=g.text, step=modules.parse_planner_output(g.text, toolbox),
                          prompt_ids=g.prompt_ids, token_ids=g.token_ids, logprobs=g.logprobs,
                          finish_reason=g.finish_reason) for m, g in zip(planner_messages, planned)]
@@ -268,10 +280,11 @@ def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, eng
     executor_texts: list[str | None] = [None] * len(calls)
     commands: list[ToolCall | None] = [None] * len(calls)
     results: list[ToolResult | None] = [None] * len(calls)
-    exec_out = _texts(engines.executor, [config.executor.request(prompts.build_executor_prompt(
+    exec_out, executor_s = _texts(engines.executor, [config.executor.request(prompts.build_executor_prompt(
         trajectories[i].memory.query, calls[i].step.sub_goal, toolbox.find(calls[i].step.tool_name).metadata,
-        calls[i].step.context), sample_ids[i]) for i in runnable])
+        calls[i].step.context), sample_ids[i]) for i in runnable], clock)
     for i, g in zip(runnable, exec_out):
+        seconds[i] += executor_s
         executor_texts[i] = g.text
         parsed = modules.parse_executor_output(g.text, expected_tool=calls[i].step.tool_name)
         if parsed.tool_call is None:
@@ -286,20 +299,23 @@ def _run_turn(trajectories: list[Trajectory], turn: int, *, planner: Engine, eng
     to_run = [i for i in range(len(calls)) if results[i] is None]
     for i, r in zip(to_run, toolbox.execute_many([commands[i] for i in to_run])):
         results[i] = r
+        seconds[i] += r.elapsed_s
     for j, (command, result) in enumerate(zip(commands, results)):
         notify("result", j, (command, result))
 
     memories = [t.memory.add_turn(tool_name=c.step.tool_name or c.step.raw_tool_name, sub_goal=c.step.sub_goal,
                                   command=cmd if cmd is not None else "", result=r.as_text(), ok=r.ok)
                 for t, c, cmd, r in zip(trajectories, calls, commands, results)]
-    verdicts = _texts(engines.verifier, [config.verifier.request(prompts.build_verifier_prompt(
+    verdicts, verifier_s = _texts(engines.verifier, [config.verifier.request(prompts.build_verifier_prompt(
         m, toolbox, memory_budget_chars=config.memory_budget_chars, compact_tools=config.compact_tools), sample_id)
-        for m, sample_id in zip(memories, sample_ids)])
+        for m, sample_id in zip(memories, sample_ids)], clock)
     out = []
-    for t, m, c, et, cmd, r, v in zip(trajectories, memories, calls, executor_texts, commands, results, verdicts):
+    for t, m, c, et, cmd, r, v, spent in zip(trajectories, memories, calls, executor_texts, commands, results,
+                                             verdicts, seconds):
         stop = modules.parse_verifier_output(v.text).stop
         notify("verdict", len(out), stop)
         log = TurnLog(planner=c, executor_text=et, command=cmd, result=r, verifier_text=v.text, stop=stop)
         out.append(dataclasses.replace(t, memory=m.with_verdict(stop), turns=t.turns + (log,),
-                                       stop_reason="verifier" if stop else ""))
+                                       stop_reason="verifier" if stop else "",
+                                       elapsed_s=t.elapsed_s + spent + verifier_s))
     return out

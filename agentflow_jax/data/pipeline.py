@@ -1,8 +1,8 @@
 """Grain input pipeline for training queries.
 
 A training query is a plain dict `{"pid": str, "query": str, "answer": str, "kind": str, ...}`:
-`kind` names the scorer (e.g. "exact" for search QA, "math"). Sources are JSON-lines files or
-lists of dicts with `query` (or `question`), `answer` (a string, a number, or a list joined with
+`kind` names the scorer (e.g. "judge" for search QA, "math"). Sources are JSON-lines files (or files
+holding one JSON list of objects) or lists of dicts with `query` (or `question`), `answer` (a string, a number, or a list joined with
 "; " as in SPEC section 3), and optional `pid` (or `id`) and `kind`. Any other field of a row
 (e.g. "qtype" and "tools", which evaluation breaks metrics down by, or "choices") is kept as it
 is. Rows without an answer or a query are skipped and counted, never silently dropped.
@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import grain
 import jax
 
+from agentflow_jax.errors import UserError
 from agentflow_jax.rl.rewards import GOLD_SEPARATOR
 
 _log = logging.getLogger(__name__)
@@ -55,22 +56,69 @@ class QueryDataset:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (blank lines ignored)."""
-    rows = []
+class DataFileError(UserError, ValueError):
+    """A data file that cannot be read as records; the message names the file and the line."""
+
+
+def read_rows(path: str | os.PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a file holding a JSON list of objects or JSON lines, each with the line it
+    starts on (blank lines ignored); DataFileError names the file and the line of what is wrong."""
     with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg}); "
-                                 "each line must hold one JSON object") from e
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number} holds a {type(row).__name__}, not a JSON object")
-            rows.append(row)
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return _json_list_rows(path, text)
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}:{line_number} is not valid JSON ({e.msg}); each line must hold one JSON "
+                                "object (or the file one JSON list of objects)") from e
+        rows.append((line_number, _object_row(path, line_number, row)))
     return rows
+
+
+def _json_list_rows(path: str | os.PathLike, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """The items of a JSON list, decoded one at a time so each keeps its line number."""
+    decoder = json.JSONDecoder()
+    rows, position = [], text.index("[") + 1
+    line_of = lambda offset: text.count("\n", 0, offset) + 1  # noqa: E731
+    while True:
+        position = _skip(text, position)
+        if position < len(text) and text[position] == "]":
+            if _skip(text, position + 1) != len(text):
+                raise DataFileError(f"{path}:{line_of(position)}: text after the end of the JSON list")
+            return rows
+        try:
+            row, end = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}:{e.lineno} is not valid JSON ({e.msg})") from e
+        rows.append((line_of(position), _object_row(path, line_of(position), row)))
+        position = _skip(text, end)
+        if position < len(text) and text[position] == ",":
+            position += 1
+        elif position >= len(text) or text[position] != "]":
+            raise DataFileError(f"{path}:{line_of(min(position, len(text)))} is not valid JSON (expected ',' or ']' "
+                                "after a list item)")
+
+
+def _skip(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _object_row(path: str | os.PathLike, line_number: int, row: Any) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise DataFileError(f"{path}:{line_number} holds a {type(row).__name__}, not a JSON object")
+    return row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines (or JSON list) file; see `read_rows`."""
+    return [row for _, row in read_rows(path)]
 
 
 def join_gold_answers(answer: Any) -> str:

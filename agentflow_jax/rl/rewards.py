@@ -1,9 +1,11 @@
 """The one scorer module: the final-outcome reward of a trajectory (RL), the accuracy of an evaluation
 item, and the warm start's reports all score answers here.
 
-All scorers take the answer extracted from the generator's `<answer>` (None when absent, which
-scores 0) and the gold answer. Several gold answers may be joined with "; " (SPEC section 3);
-matching any one counts (token F1 takes the best).
+All scorers take the answer extracted from the generator's `<answer>` and the gold answer. Several
+gold answers may be joined with "; " (SPEC section 3); matching any one counts (token F1 takes the
+best). A reply without `<answer>` is still scored (`answer_from_reply`): the judge reads the whole
+reply, as the reference implementation's judge does, and each exact scorer reads what it would look
+for in free text (below). Only an empty reply (None) scores 0.
 
   kind      rule
   exact     SQuAD normalisation (lowercase, no punctuation, no articles, single spaces), then equality
@@ -16,13 +18,22 @@ matching any one counts (token F1 takes the best).
   game24    exact Game-of-24 check: the expression uses each given number exactly once, only
             + - * / and parentheses, and equals 24 in exact rational arithmetic (safe parser, no eval);
             the gold answer holds the puzzle's numbers ("4 7 8 8", "[4, 7, 8, 8]")
-  judge     an LLM (`LLMJudge`) decides whether the answer is equivalent to the gold answer
+  judge     an LLM (`LLMJudge`) decides whether the answer is equivalent to the gold answer; its reply
+            may take any of the forms `parse_verdict` reads
+
+  without <answer>   what is scored
+  judge, exact, f1   the whole reply (the judge finds the final answer in it; exact match then
+                     fails on prose, F1 gives partial credit)
+  math               the last \\boxed{...}, else the last number written in the reply
+  choice             the last line of the reply that names an option letter
+  game24             the last arithmetic expression in the reply
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import re
 import string
 from fractions import Fraction
@@ -75,26 +86,68 @@ def score_trajectories(trajectories: Sequence[Any], queries: Sequence[Mapping[st
                        judge: LLMJudge | None = None) -> np.ndarray:
     """[len(trajectories)] float32 rewards: each trajectory's answer scored against its query's gold answer.
 
-    `trajectories` have `.query_id` (index into `queries`) and `.answer`; a query record has "query",
-    "answer", optional "kind" (default "exact") and "choices". Rows scored by the judge are sent in
-    one batched call.
+    `trajectories` have `.query_id` (index into `queries`), `.answer` (the `<answer>` text or None)
+    and `.generator_text` (the whole reply, scored through `answer_from_reply` when there is no
+    `<answer>`); a query record has "query", "answer", optional "kind" (default "exact") and
+    "choices". Rows scored by the judge are sent in one batched call.
     """
-    rewards = np.zeros(len(trajectories), np.float32)
+    return np.asarray([s.score for s in score_details(trajectories, queries, judge=judge)], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredAnswer:
+    """One trajectory's score, the text that was scored, and the judge's verdict when it judged."""
+
+    score: float
+    scored_text: str | None
+    verdict: JudgeVerdict | None = None
+
+
+def score_details(trajectories: Sequence[Any], queries: Sequence[Mapping[str, Any]], *,
+                  judge: LLMJudge | None = None) -> list[ScoredAnswer]:
+    """`score_trajectories` with what each score was computed from (for evaluation reports)."""
+    details: list[ScoredAnswer | None] = [None] * len(trajectories)
     judged = []
     for index, trajectory in enumerate(trajectories):
         query = queries[trajectory.query_id]
         kind = query.get("kind", "exact")
+        text = trajectory.answer if trajectory.answer is not None else answer_from_reply(
+            trajectory.generator_text, kind)
         if kind == "judge":
-            judged.append(index)
+            judged.append((index, text))
             continue
-        rewards[index] = score_answer(trajectory.answer, query["answer"], kind, choices=query.get("choices"))
+        details[index] = ScoredAnswer(score_answer(text, query["answer"], kind, choices=query.get("choices")), text)
     if judged:
         if judge is None:
             raise ValueError(f'{len(judged)} queries are scored by kind "judge" but no judge engine is configured')
-        items = [(trajectories[i].answer, queries[trajectories[i].query_id]["answer"],
-                  queries[trajectories[i].query_id]["query"]) for i in judged]
-        rewards[judged] = [float(v.correct) for v in judge.judge_many(items)]
-    return rewards
+        items = [(text, queries[trajectories[i].query_id]["answer"], queries[trajectories[i].query_id]["query"])
+                 for i, text in judged]
+        for (index, text), verdict in zip(judged, judge.judge_many(items)):
+            details[index] = ScoredAnswer(float(verdict.correct), text, verdict)
+    return details
+
+
+def answer_from_reply(reply: str | None, kind: str) -> str | None:
+    """What scorer `kind` reads from a generator reply that has no `<answer>` tag (module docstring);
+    None when the reply is empty or holds nothing of the kind."""
+    if reply is None or not reply.strip():
+        return None
+    reply = reply.strip()
+    if kind == "math":
+        boxed = _last_braced(reply, "\\boxed")
+        if boxed is not None:
+            return boxed
+        numbers = _LOOSE_NUMBER.findall(_THOUSANDS_COMMA.sub("", reply))
+        return numbers[-1] if numbers else None
+    if kind == "choice":
+        return next((line for line in reversed(reply.splitlines()) if choice_letter(line) is not None), None)
+    if kind == "game24":
+        boxed = _last_braced(reply, "\\boxed")
+        if boxed is not None:
+            return boxed
+        expressions = [e.strip() for e in _ARITHMETIC_RUN.findall(_game24_symbols(reply)) if _OPERATOR.search(e)]
+        return expressions[-1] if expressions else None
+    return reply
 
 
 def split_gold(gold: str) -> list[str]:
@@ -145,6 +198,9 @@ _NUMBER = re.compile(
     r"|(?P<decimal>\d+(?:\.\d*)?|\.\d+))"
     r"\s*(?P<percent>%)?"
     r"\s*(?:[a-zA-Z][\w^./]*(?:\s+[a-zA-Z][\w^./]*)?)?$")  # at most two unit words: "12 cm", "3 square feet"
+
+
+_LOOSE_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
 
 
 def math_equivalent(prediction: str, gold: str) -> bool:
@@ -268,10 +324,22 @@ class _InvalidExpression(ValueError):
     pass
 
 
-_GAME24_SYMBOLS = {"×": "*", "\\times": "*", "\\cdot": "*", "x": "*", "X": "*", "÷": "/", "\\div": "/",
+_GAME24_SYMBOLS = {"×": "*", "\\times": "*", "\\cdot": "*", "÷": "/", "\\div": "/",
                    "−": "-", "–": "-", "[": "(", "]": ")", "\\left": "", "\\right": "", "$": ""}
 _GAME24_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()]))")
+_LETTER_TIMES = re.compile(r"(?<=[\d)\s])[xX](?=[\s\d(])")  # "6 x 4", "(1+1)x8"; not the x of a word
 _TARGET = Fraction(24)
+
+
+_ARITHMETIC_RUN = re.compile(r"[\d\s+\-*/()]*\d[\d\s+\-*/()]*")
+_OPERATOR = re.compile(r"\d\s*[-+*/]\s*[\d(]|\)\s*[-+*/]")
+
+
+def _game24_symbols(text: str) -> str:
+    """`text` with the usual operator spellings (×, ÷, \\times, [ ]) as + - * / ( )."""
+    for symbol, replacement in _GAME24_SYMBOLS.items():
+        text = text.replace(symbol, replacement)
+    return _LETTER_TIMES.sub("*", text)
 
 
 def game24_numbers(gold: str) -> list[int]:
@@ -285,9 +353,7 @@ def check_game24(expression: str, numbers: Sequence[int]) -> Game24Check:
     A trailing "= 24" (or leading "24 =") is ignored; ×, ÷, \\times, \\div and [ ] are accepted as
     the usual operators and brackets. Unary signs and non-integer literals are not allowed.
     """
-    text = _last_braced(expression, "\\boxed") or expression
-    for symbol, replacement in _GAME24_SYMBOLS.items():
-        text = text.replace(symbol, replacement)
+    text = _game24_symbols(_last_braced(expression, "\\boxed") or expression)
     text = re.sub(r"^\s*24\s*=|=\s*24\s*\.?\s*$", "", text.strip())
     try:
         tokens = _tokenize_game24(text)
@@ -383,19 +449,33 @@ class JudgeVerdict:
 
 
 JUDGE_SYSTEM_PROMPT = (
-    "You grade answers. Decide whether the candidate answer is equivalent to the gold answer. "
-    "Treat as equivalent: numbers that are equal after normalisation (3/4 = 0.75, 1,000 = 1000), answers "
-    "that differ only in units, case, articles or punctuation, and a multiple-choice letter and its option. "
-    "The gold answer may list alternatives separated by '; ': matching any one is enough. "
-    "Write one short sentence of analysis, then a final line that is exactly 'Verdict: True' or 'Verdict: False'.")
-_VERDICT = re.compile(r"verdict\s*[:：]?\s*\**\s*(true|false)\b", re.IGNORECASE)
+    "You check answers against a reference. You are given a question, its gold answer and a candidate "
+    "answer; the candidate may be a short answer or a whole reply with reasoning, in which case only the "
+    "final answer it commits to counts. Say whether that final answer means the same as the gold answer. "
+    "Count as the same: equal numbers in any notation (3/4, 0.75, \\frac{3}{4}; 1,000 and 1000), the same "
+    "entity under a fuller or shorter name, differences of case, articles, punctuation or units, and a "
+    "multiple-choice letter together with its option's text. The gold answer may list alternatives "
+    "separated by '; ': matching one of them is enough. A candidate that hedges between several answers, "
+    "or gives none, is not the same. Write one or two sentences of analysis, then a last line that is "
+    "exactly 'Verdict: True' or 'Verdict: False'.")
+
+# Words a judge writes for its decision (parse_verdict); "not"/"no"/"n't" before a positive word negates it.
+_POSITIVE = ("true", "yes", "correct", "equivalent", "right", "same", "match", "matches", "consistent")
+_NEGATIVE = ("false", "no", "incorrect", "wrong", "inequivalent", "different", "mismatch", "inconsistent")
+_VERDICT_WORD = re.compile(r"\b(" + "|".join(_POSITIVE + _NEGATIVE) + r")\b", re.IGNORECASE)
+_NEGATION = re.compile(r"(?:\bnot|\bno|n't|\bnever)\s+(?:(?:the|a|an|quite|exactly|fully)\s+)*$", re.IGNORECASE)
+_VERDICT_LABEL = re.compile(
+    r"(?:verdict|judge?ment|decision|final answer|answer|result|true_false|true/false|correct|equivalent)"
+    r"\s*[*_>]*\s*(?::|=|：|-|is)\s*[*_`\"'\[(\s]*(\w+(?:\s+\w+)?)", re.IGNORECASE)
+_VERDICT_KEYS = ("verdict", "correct", "iscorrect", "truefalse", "equivalent", "isequivalent", "judgement",
+                 "judgment", "decision", "match", "result", "label")
 
 
 class LLMJudge:
     """Asks any `Engine` whether an answer is equivalent to the gold answer (the paper's reward judge).
 
-    Engine failures (EngineError) propagate; a reply without a "Verdict: True/False" line counts as
-    incorrect, with the reason recorded in the verdict.
+    Engine failures (EngineError) propagate; a reply in which `parse_verdict` finds no decision counts
+    as incorrect, with the reason recorded in the verdict.
     """
 
     def __init__(self, engine: Engine, *, max_new_tokens: int = 256):
@@ -424,9 +504,60 @@ class LLMJudge:
 
 
 def parse_verdict(text: str) -> JudgeVerdict:
-    """The last "Verdict: True/False" of a judge's reply; anything else is incorrect, reason recorded."""
-    matches = _VERDICT.findall(text)
-    if not matches:
+    """The judge's decision from the forms models write; anything else counts as incorrect, reason recorded.
+
+    Tried in order: a JSON object with a verdict key ({"correct": true}, {"verdict": "True"},
+    {"true_false": "yes"}; the last such object); the last labelled decision ("Verdict: True",
+    "**Verdict:** **false**", "<true_false>: True", "Answer: yes", "Final answer: incorrect"); the
+    last decision word of the last line that has one ("So the candidate is correct.", "No.", "They
+    are not equivalent."). Decision words: true/yes/correct/equivalent/right/same/match(es)/consistent
+    and false/no/incorrect/wrong/inequivalent/different/mismatch/inconsistent; "not", "no" or "n't"
+    before a positive word makes it negative.
+    """
+    decided = _verdict_from_json(text)
+    if decided is None:
+        labelled = [_decision(m[1].split()[0], text[:m.start(1)]) for m in _VERDICT_LABEL.finditer(text.replace("**", ""))]
+        labelled = [d for d in labelled if d is not None]
+        decided = labelled[-1] if labelled else None
+    if decided is None:
+        for line in reversed([line for line in text.replace("**", "").splitlines() if line.strip()]):
+            words = [_decision(m[1], line[:m.start()]) for m in _VERDICT_WORD.finditer(line)]
+            if words:
+                decided = words[-1]
+                break
+    if decided is None:
         snippet = text.strip()[:200]
-        return JudgeVerdict(False, f"malformed judge output (no 'Verdict: True/False' line): {snippet!r}", text)
-    return JudgeVerdict(matches[-1].lower() == "true", text.strip(), text)
+        return JudgeVerdict(False, f"malformed judge output (no verdict such as 'Verdict: True'): {snippet!r}", text)
+    return JudgeVerdict(decided, text.strip(), text)
+
+
+def _decision(word: str, before: str) -> bool | None:
+    """True / False for a decision word (negated by what precedes it), None for any other word."""
+    word = word.lower().strip("*_`'\".,;:!)]")
+    if word in _NEGATIVE:
+        return False
+    if word in _POSITIVE:
+        return _NEGATION.search(before) is None
+    return None
+
+
+def _verdict_from_json(text: str) -> bool | None:
+    """The decision of the last JSON object in `text` that has a verdict key (any spelling), or None."""
+    decoder = json.JSONDecoder()
+    found = None
+    start = text.find("{")
+    while start != -1:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+            continue
+        if isinstance(value, dict):
+            for key, field in value.items():
+                if re.sub(r"[^a-z]", "", str(key).lower()) in _VERDICT_KEYS:
+                    decision = field if isinstance(field, bool) else _decision(str(field), "")
+                    if decision is not None:
+                        found = decision
+                        break
+        start = text.find("{", end)
+    return found

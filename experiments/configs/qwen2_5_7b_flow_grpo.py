@@ -5,7 +5,8 @@
         --config.data.train_path=/data/nq_deepmath_train.jsonl --config.data.eval_path=/data/aime24.jsonl
 
 Data files are JSON lines with "query", "answer" (several gold answers joined with "; ") and
-"kind" ("exact" for NQ, "math" for DeepMath / AIME). The search tool needs either a local corpus
+"kind" ("judge" for NQ, "math" or "judge" for DeepMath, "math" for AIME): build the training file
+with `python -m agentflow_jax.data.mixture` and name the judge's engine in `engines.judge`. The search tool needs either a local corpus
 (`tools.settings.search.corpus_path`) or a Search-R1 `/retrieve` server (`...search.url`); the
 Google tool reads SERPER_API_KEY or GOOGLE_API_KEY + GOOGLE_CSE_ID from the environment. Every
 value not set here is the paper's, from base.py.

@@ -1,5 +1,14 @@
 """Evaluation: run the agent on held-out queries and report accuracy, turns and tool choices.
 
+The paper's benchmarks from the command line (`__main__.py`; benchmark files: `data.benchmarks`):
+
+    python -m agentflow_jax.evaluate --config=FILE --benchmark=aime24 --data=aime24.json [--samples=3]
+    python -m agentflow_jax.evaluate --config=FILE --all --data_dir=DIR
+
+  runner.py   batched rollouts of a benchmark's items, one JSON line per finished item (a rerun skips them)
+  report.py   summaries (mean and standard deviation over samples), the markdown table with the
+              paper's numbers beside ours, the bar chart
+
 Library use (the trainer's periodic evaluation):
 
     result = evaluate_queries(records, planner=engine, frozen=engine, toolbox=toolbox, rollout=config)
