@@ -20,11 +20,12 @@ import dataclasses
 import json
 import logging
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import grain
 import jax
 
+from agentflow_jax.errors import UserError
 from agentflow_jax.rl.rewards import GOLD_SEPARATOR
 
 _log = logging.getLogger(__name__)
@@ -54,9 +55,16 @@ class QueryDataset:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file (blank lines ignored)."""
-    rows = []
+class DataFileError(UserError, ValueError):
+    """A line of a data file is not what its format needs; the message names the file and line."""
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, JSON object) for every non-blank line of a JSON-lines file.
+
+    Raises:
+      DataFileError: a line that is not a JSON object.
+    """
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
@@ -64,12 +72,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({e.msg}); "
-                                 "each line must hold one JSON object") from e
+                raise DataFileError(f"{path}:{line_number} is not valid JSON ({e.msg}); "
+                                    "each line must hold one JSON object") from e
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_number} holds a {type(row).__name__}, not a JSON object")
-            rows.append(row)
-    return rows
+                raise DataFileError(f"{path}:{line_number} holds a {type(row).__name__}, not a JSON object")
+            yield line_number, row
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file (blank lines ignored; raises as `iter_jsonl`)."""
+    return [row for _, row in iter_jsonl(path)]
 
 
 def join_gold_answers(answer: Any) -> str:
