@@ -182,15 +182,30 @@ def read_sft(config: Any, *, source: str | None = None) -> SFTRun:
 # ------------------------------------------------------------------------------------------------
 
 
-def load_examples(run: SFTRun, tokenizer: Tokenizer, path: str, key: str) -> tuple[list[Example], dict[str, int]]:
-    """The distinct examples of a data file (config key `key` names it in errors) and what was counted:
-    chats or trajectories read, examples, duplicates dropped, examples too long (dropped when
-    `data.skip_too_long`, else a ConfigError)."""
+def check_inputs(run: SFTRun) -> Tokenizer:
+    """Checks that the data files and the model directory exist (before anything is read) and
+    returns the tokenizer; ConfigError or FileNotFoundError naming what is missing."""
+    where = f"{run.source}: " if run.source else ""
+    data = run.data
+    for key, path in (("data.train_path", data.train_path), ("data.eval_path", data.eval_path),
+                      ("data.queries_path", data.queries_path if data.correct_only else "")):
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{where}config.{key} = {path!r}: no such file")
+    if not os.path.isdir(run.model.path):
+        raise FileNotFoundError(f"model directory {run.model.path!r} does not exist (weights load only from local "
+                                "directories; set config.model.path)")
+    try:
+        return load_tokenizer(run.model.tokenizer_spec)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{where}config.model.tokenizer = {run.model.tokenizer!r}: {e}") from e
+
+
+def load_examples(run: SFTRun, tokenizer: Tokenizer, path: str) -> tuple[list[Example], dict[str, int]]:
+    """The distinct examples of a data file and what was counted: chats or trajectories read,
+    examples, duplicates dropped, examples too long (dropped when `data.skip_too_long`, else a
+    ConfigError)."""
     data = run.data
     where = f"{run.source}: " if run.source else ""
-    for name, file in ((key, path), ("data.queries_path", data.queries_path if data.correct_only else "")):
-        if file and not os.path.isfile(file):
-            raise ConfigError(f"{where}config.{name} = {file!r}: no such file")
     if data.format == "chat":
         chats = read_chat_file(path, assistant_turns=data.assistant_turns)
         counts = {"chats": len(chats)}
@@ -249,12 +264,12 @@ def run(config: SFTRun) -> SFTSummary:
     """Fine-tunes the checkpoint as the checked config says; returns the summary."""
     start = time.perf_counter()
     c = config
+    tokenizer = check_inputs(c)
     mesh = sharding.make_mesh(c.mesh) if c.mesh else None
-    tokenizer = load_tokenizer(c.model.tokenizer_spec)
-    examples, counts = load_examples(c, tokenizer, c.data.train_path, "data.train_path")
+    examples, counts = load_examples(c, tokenizer, c.data.train_path)
     eval_examples = []
     if c.data.eval_path:
-        eval_examples, _ = load_examples(c, tokenizer, c.data.eval_path, "data.eval_path")
+        eval_examples, _ = load_examples(c, tokenizer, c.data.eval_path)
         eval_examples = spread(eval_examples, c.eval.max_examples)
     model = hf_io.load_pretrained(c.model.path, dtype=jnp.dtype(c.model.dtype),
                                   param_dtype=jnp.dtype(c.model.storage_dtype), mesh=mesh, remat=c.model.remat)
