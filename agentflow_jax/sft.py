@@ -33,11 +33,10 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app
 
 import agentflow_jax
@@ -53,6 +52,7 @@ from agentflow_jax.observability import RunLogger, plot_curves
 from agentflow_jax.optim import OptimConfig, learning_rate_schedule, make_optimizer
 from agentflow_jax.supervised import (Example, SFTTrainer, bucket_of, chat_examples, check_batching, mean_nll,
                                       train_supervised)
+from agentflow_jax.train import spread_subset
 
 _CONFIG = cli.config_flag()
 
@@ -182,9 +182,9 @@ def read_sft(config: Any, *, source: str | None = None) -> SFTRun:
 # ------------------------------------------------------------------------------------------------
 
 
-def check_inputs(run: SFTRun) -> Tokenizer:
-    """Checks that the data files and the model directory exist (before anything is read) and
-    returns the tokenizer; ConfigError or FileNotFoundError naming what is missing."""
+def open_tokenizer(run: SFTRun) -> Tokenizer:
+    """The run's tokenizer, after checking that the data files and the model directory exist (before
+    anything is read); ConfigError or FileNotFoundError naming what is missing."""
     where = f"{run.source}: " if run.source else ""
     data = run.data
     for key, path in (("data.train_path", data.train_path), ("data.eval_path", data.eval_path),
@@ -232,13 +232,6 @@ def load_examples(run: SFTRun, tokenizer: Tokenizer, path: str) -> tuple[list[Ex
     return fitting, counts
 
 
-def spread(examples: Sequence[Example], count: int) -> list[Example]:
-    """`count` examples at evenly spaced positions (all when count >= len)."""
-    if count >= len(examples):
-        return list(examples)
-    return [examples[i] for i in np.linspace(0, len(examples), count, endpoint=False).astype(int)]
-
-
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -264,13 +257,13 @@ def run(config: SFTRun) -> SFTSummary:
     """Fine-tunes the checkpoint as the checked config says; returns the summary."""
     start = time.perf_counter()
     c = config
-    tokenizer = check_inputs(c)
+    tokenizer = open_tokenizer(c)
     mesh = sharding.make_mesh(c.mesh) if c.mesh else None
     examples, counts = load_examples(c, tokenizer, c.data.train_path)
     eval_examples = []
     if c.data.eval_path:
         eval_examples, _ = load_examples(c, tokenizer, c.data.eval_path)
-        eval_examples = spread(eval_examples, c.eval.max_examples)
+        eval_examples = spread_subset(eval_examples, c.eval.max_examples)
     model = hf_io.load_pretrained(c.model.path, dtype=jnp.dtype(c.model.dtype),
                                   param_dtype=jnp.dtype(c.model.storage_dtype), mesh=mesh, remat=c.model.remat)
     largest_id = max(max(e.prompt_ids + e.target_ids) for e in examples + eval_examples)

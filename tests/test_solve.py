@@ -4,15 +4,14 @@ the step before), one engine per role, and the trajectory as JSON."""
 
 import http.server
 import json
+import queue
 import subprocess
 import sys
-import queue
 import threading
 
 import pytest
 
 from agentflow_jax.agent import prompts
-
 
 ROLES = {prompts.QUERY_ANALYSIS_SYSTEM: "analysis", prompts.PLANNER_SYSTEM: "planner",
          prompts.EXECUTOR_SYSTEM: "executor", prompts.VERIFIER_SYSTEM: "verifier",
