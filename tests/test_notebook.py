@@ -26,7 +26,7 @@ def test_the_notebook_runs_top_to_bottom_in_its_short_setting(tmp_path):
     # The kernel imports this checkout (its working directory is a temp dir) on one CPU device.
     env = {**os.environ, "AGENTFLOW_NOTEBOOK_SHORT": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
            "PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=600,
+    client = nbclient.NotebookClient(notebook, kernel_name="python3", timeout=600, startup_timeout=300,
                                      resources={"metadata": {"path": str(tmp_path)}})
     client.execute(env=env)  # raises CellExecutionError, with the cell and its traceback, if a cell fails
 
