@@ -3,7 +3,7 @@
     python -m agentflow_jax.solve --model=/models/Qwen2.5-1.5B-Instruct --tools=python,search \\
         --search_corpus=wiki.jsonl "In what year was the city of Velmora founded?"
     python -m agentflow_jax.solve --engine=openai:http://127.0.0.1:8000/v1,Qwen/Qwen2.5-7B-Instruct \\
-        --planner_engine=jax:runs/tiny_cpu/planner_hf --role_engine=verifier=jax:/models/Qwen2.5-0.5B-Instruct \\
+        --planner_engine=jax:runs/qwen2_5_1_5b_sft/model_hf --role_engine=verifier=jax:/models/Qwen2.5-0.5B-Instruct \\
         --tools=python,generalist --json=trajectory.json "What is 4817 times 36?"
 
 Engines: `--model=DIR` (a local HF-format Qwen2 directory, in-process JAX engine) or `--engine=SPEC`
