@@ -57,13 +57,15 @@ def config_flag() -> flags.FlagHolder:
 
 
 def load_config(holder: flags.FlagHolder) -> tuple[Any, str]:
-    """The config of a `define_config_flag` flag and its file name; UserError when absent or unloadable."""
+    """The config of a `config_flag()` flag and its file name (with any `:ARG`); UserError when absent
+    or unloadable."""
     name = holder.name
     filename = config_flags.get_config_filename(flags.FLAGS[name])
     if not filename:
         raise UserError(f"pass --{name}=experiments/configs/<name>.py")
-    if not os.path.isfile(filename):
-        raise UserError(f"--{name}: config file {filename!r} does not exist")
+    path = filename.split(":", 1)[0]  # FILE.py:ARG passes ARG to the file's get_config
+    if not os.path.isfile(path):
+        raise UserError(f"--{name}: config file {path!r} does not exist")
     try:
         config = holder.value
         config.keys()  # a file that failed to load raises here
@@ -109,8 +111,11 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 def _message(error: BaseException) -> str:
     """An exception's message, without the quoting KeyError's str() adds (ml_collections even passes
-    such a repr on as an AttributeError's message)."""
+    such a repr on as an AttributeError's message) and without the traceback ml_collections puts
+    before an error raised by a config file's get_config (its last line is the error)."""
     message = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else str(error)
+    if "Traceback (most recent call last)" in message:
+        message = message.strip().splitlines()[-1]
     if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
         try:
             message = ast.literal_eval(message)

@@ -232,20 +232,12 @@ def read_experiment(config: Any, *, source: str | None = None, extra_sections: I
     if "toy" in config and "toy" not in extra_sections:
         raise ConfigError(f"{where}config.toy describes the CPU toy world, which builds its planner first: run "
                           f"python -m agentflow_jax.toy --config={source or '<this file>'}")
-    check_keys("", _top_level(config), set(TOP_LEVEL) | set(extra_sections), source=source)
-    for key, kind in (("seed", int), ("workdir", str)):
-        if key not in config:
-            raise ConfigError(f"{where}config lacks top-level key {key!r}")
-        if not isinstance(config[key], kind) or isinstance(config[key], bool):
-            raise ConfigError(f"{where}config.{key} = {config[key]!r}: expected {kind.__name__}")
-    mesh = dict(config.get("mesh") or {})
-    if any(not isinstance(size, int) or isinstance(size, bool) for size in mesh.values()):
-        raise ConfigError(f"{where}config.mesh = {mesh!r}: expected axis sizes as ints, e.g. {{'fsdp': -1}}")
+    seed, workdir, mesh = read_run_keys(config, set(TOP_LEVEL) | set(extra_sections), source=source)
     rollout = read_section(config, "rollout", RolloutSection, source=source)
     rl = read_section(config, "rl", TrainerConfig, source=source)
     rl = dataclasses.replace(rl, loss=dataclasses.replace(rl.loss, temperature=rollout.planner_temperature or 1.0))
     return Experiment(
-        seed=config["seed"], workdir=config["workdir"], mesh=mesh,
+        seed=seed, workdir=workdir, mesh=mesh,
         model=read_section(config, "model", ModelSection, source=source),
         engines=read_section(config, "engines", EnginesSection, source=source, required=False),
         data=read_section(config, "data", DataSection, source=source),
@@ -255,6 +247,23 @@ def read_experiment(config: Any, *, source: str | None = None, extra_sections: I
         train=read_section(config, "train", TrainSection, source=source),
         eval=read_section(config, "eval", EvalSection, source=source),
         source=source)
+
+
+def read_run_keys(config: Any, top_level: Iterable[str], *, source: str | None = None
+                  ) -> tuple[int, str, dict[str, int]]:
+    """Checks that a run config's top-level keys are among `top_level` and returns its seed, workdir
+    and mesh (axis sizes; {} = one device, no mesh). Raises ConfigError."""
+    where = f"{source}: " if source else ""
+    check_keys("", _top_level(config), top_level, source=source)
+    for key, kind in (("seed", int), ("workdir", str)):
+        if key not in config:
+            raise ConfigError(f"{where}config lacks top-level key {key!r}")
+        if not isinstance(config[key], kind) or isinstance(config[key], bool):
+            raise ConfigError(f"{where}config.{key} = {config[key]!r}: expected {kind.__name__}")
+    mesh = dict(config.get("mesh") or {})
+    if any(not isinstance(size, int) or isinstance(size, bool) for size in mesh.values()):
+        raise ConfigError(f"{where}config.mesh = {mesh!r}: expected axis sizes as ints, e.g. {{'fsdp': -1}}")
+    return config["seed"], config["workdir"], mesh
 
 
 def _top_level(config: Any) -> Mapping[str, Any]:

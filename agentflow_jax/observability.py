@@ -24,7 +24,7 @@ class RunLogger:
     """
 
     def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
-                 primary: bool | None = None, progress: bool = True):
+                 primary: bool | None = None, progress: bool = True, description: str = "Flow-GRPO"):
         self.workdir = workdir
         self.primary = jax.process_index() == 0 if primary is None else primary
         self._bar = self._writer = None
@@ -35,7 +35,7 @@ class RunLogger:
         from tqdm import tqdm
 
         self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._bar = tqdm(total=total_steps, initial=initial_step, desc="Flow-GRPO", disable=not progress,
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc=description, disable=not progress,
                          dynamic_ncols=True)
 
     @property

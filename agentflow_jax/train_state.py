@@ -33,10 +33,11 @@ class TrainState:
     data_iterator: grain.DatasetIterator | None = None
 
     @classmethod
-    def create(cls, params: Any, optimizer: Any, *, seed: int,
-               data_iterator: grain.DatasetIterator | None = None) -> "TrainState":
-        """Step 0: `optimizer.init(params)` and the base seed."""
-        return cls(params=params, opt_state=optimizer.init(params), step=0,
+    def create(cls, params: Any, optimizer: Any, *, seed: int, data_iterator: grain.DatasetIterator | None = None,
+               opt_state: Any = None) -> "TrainState":
+        """Step 0: `optimizer.init(params)` (or `opt_state`, one already initialised, e.g. placed on a
+        mesh) and the base seed."""
+        return cls(params=params, opt_state=optimizer.init(params) if opt_state is None else opt_state, step=0,
                    rng=np.asarray(seed % _SEED_MODULUS, np.uint32), data_iterator=data_iterator)
 
     def step_seed(self, step: int | None = None) -> int:

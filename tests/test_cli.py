@@ -11,6 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny_cpu.py")
 PAPER = os.path.join(ROOT, "experiments", "configs", "qwen2_5_7b_flow_grpo.py")
+SFT = os.path.join(ROOT, "experiments", "configs", "qwen2_5_sft.py")
 
 
 def _config_file(directory, name: str, based_on: str, line: str) -> str:
@@ -39,6 +40,15 @@ def cases(tmp):
     with open(aime, "w", encoding="utf-8") as f:
         f.write('{"pid": "0", "query": "What is 6 * 7?", "answer": "42"}\n')
     evaluate = ["agentflow_jax.evaluate", f"--config={PAPER}", "--benchmark=aime24"]
+    bad_sft = _config_file(tmp, "bad_sft.py", SFT, "config.batch.tokens_per_batchh = 4")
+    chats = os.path.join(tmp, "chats.jsonl")
+    bad_chats = os.path.join(tmp, "bad_chats.jsonl")
+    with open(chats, "w", encoding="utf-8") as f:
+        f.write('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n')
+    with open(bad_chats, "w", encoding="utf-8") as f:
+        f.write('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n{oops\n')
+    sft_chat = ["agentflow_jax.sft", f"--config={SFT}:0.5b", "--config.data.format=chat",
+                "--config.data.correct_only=False"]
     return {
         "evaluate, misspelt override": (evaluate + [f"--data={aime}", "--config.eval.batch_sise=4"],
                                         "names no such key: 'batch_sise'"),
@@ -60,6 +70,20 @@ def cases(tmp):
         "toy, misspelt key in the file": (["agentflow_jax.toy", f"--config={bad_toy}"],
                                           "config.toy.world has unknown key 'num_citiess'"),
         "toy, missing config file": (["agentflow_jax.toy", "--config=/nope/tiny.py"], "does not exist"),
+        "sft, misspelt override": (["agentflow_jax.sft", f"--config={SFT}:0.5b", "--config.data.formt=chat"],
+                                   "names no such key: 'formt'"),
+        "sft, misspelt key in the file": (["agentflow_jax.sft", f"--config={bad_sft}"],
+                                          "config.batch has unknown key 'tokens_per_batchh' (did you mean "
+                                          "'tokens_per_batch'?)"),
+        "sft, unknown model size": (["agentflow_jax.sft", f"--config={SFT}:3b"], "unknown model size '3b'"),
+        "sft, missing config file": (["agentflow_jax.sft", "--config=/nope/sft.py:7b"],
+                                     "config file '/nope/sft.py' does not exist"),
+        "sft, missing data file": (["agentflow_jax.sft", f"--config={SFT}", "--config.data.train_path=/nope/t.jsonl"],
+                                   "config.data.train_path = '/nope/t.jsonl': no such file"),
+        "sft, missing model directory": ([*sft_chat, f"--config.data.train_path={chats}", "--config.model.path=/nope/m"],
+                                         "model directory '/nope/m' does not exist"),
+        "sft, a bad chat line": ([*sft_chat, f"--config.data.train_path={bad_chats}", f"--config.model.path={tmp}",
+                                  "--config.model.tokenizer=qwen2.5"], "bad_chats.jsonl:2 is not valid JSON"),
         "solve, misspelt flag": (["agentflow_jax.solve", "--tols=python", "--model=/nope", "q"],
                                  "Unknown command line flag 'tols'"),
         "solve, missing corpus file": (["agentflow_jax.solve", "--engine=openai:http://127.0.0.1:9/v1,m",
@@ -67,6 +91,9 @@ def cases(tmp):
                                        "corpus file '/nope/c.jsonl' does not exist"),
         "solve, missing model directory": (["agentflow_jax.solve", "--model=/nope/m", "q"],
                                            "model directory '/nope/m' does not exist"),
+        "solve, unknown role": (["agentflow_jax.solve", "--engine=openai:http://127.0.0.1:9/v1,m",
+                                 "--role_engine=judge=openai:http://127.0.0.1:9/v1,m", "q"],
+                                "expected ROLE=SPEC with ROLE in ['analysis'"),
         "generate, misspelt flag": (["agentflow_jax.generate", "--temprature=0.5"],
                                     "Unknown command line flag 'temprature'"),
         "generate, missing tokenizer file": (["agentflow_jax.generate", "--tokenizer=/nope/t.model"],

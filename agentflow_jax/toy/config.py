@@ -21,6 +21,7 @@ from agentflow_jax.config_reader import ConfigError, as_dict, check_fields, chec
 from agentflow_jax.experiment import REFERENCE_ENGINE, Experiment
 from agentflow_jax.models.config import Qwen2Config
 from agentflow_jax.optim import OptimConfig
+from agentflow_jax.supervised import check_batching
 from agentflow_jax.toy.frozen import ROLES
 from agentflow_jax.toy.world import WorldConfig
 
@@ -117,12 +118,7 @@ class WarmStartSection:
         unknown = sorted(set(self.roles) - set(ROLES))
         if unknown or not self.roles:
             raise ValueError(f"roles must name roles among {list(ROLES)}, got {list(self.roles)}")
-        buckets = list(self.length_buckets)
-        if not buckets or buckets != sorted(buckets) or buckets[0] < 8:
-            raise ValueError(f"length_buckets must be increasing lengths >= 8, got {buckets}")
-        if self.tokens_per_batch < buckets[-1]:
-            raise ValueError(f"tokens_per_batch ({self.tokens_per_batch}) must hold at least one row of the "
-                             f"longest bucket ({buckets[-1]})")
+        check_batching(self.length_buckets, self.tokens_per_batch)
 
 
 @dataclasses.dataclass(frozen=True)

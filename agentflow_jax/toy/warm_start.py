@@ -39,7 +39,7 @@ from agentflow_jax.models import hf_io, qwen2
 from agentflow_jax.models.tokenizer import SentencePieceTokenizer
 from agentflow_jax.optim import make_optimizer
 from agentflow_jax.sampling import Sampler
-from agentflow_jax.supervised import Example, SFTTrainer, train_supervised
+from agentflow_jax.supervised import Example, SFTTrainer, chat_examples, train_supervised
 from agentflow_jax.toy import report as report_lib
 from agentflow_jax.toy.config import ToyConfig, WarmStartPaths
 from agentflow_jax.toy.demonstrations import Corruption, Demo, record_demonstrations, save_demos, summarize
@@ -120,9 +120,9 @@ def select_demos(demos: Sequence[Demo], role_limits: Mapping[str, int], seed: in
 
 def encode_demo(tokenizer: SentencePieceTokenizer, demo: Demo) -> Example:
     """The chat prompt's ids, and the reply's ids followed by <|im_end|> (the loss covers those)."""
-    im_end = tokenizer.special_tokens["<|im_end|>"]
-    return Example(prompt_ids=tuple(tokenizer.encode_chat(demo.messages)),
-                   target_ids=tuple(tokenizer.encode(demo.target, allow_special=False)) + (im_end,), group=demo.role)
+    chat = [*demo.messages, {"role": "assistant", "content": demo.target}]
+    (example,) = chat_examples(tokenizer, chat, [len(demo.messages)], group=demo.role)
+    return example
 
 
 def scale_init(model: qwen2.Qwen2ForCausalLM, *, embed_std: float, attn_scale: float) -> qwen2.Qwen2ForCausalLM:
