@@ -39,7 +39,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from agentflow_jax import sharding
-from agentflow_jax.checkpoint import abstract_opt_state
 from agentflow_jax.models.tokenizer import Tokenizer
 from agentflow_jax.rl.batch import PackedSequences, pack_sequences
 from agentflow_jax.rl.logprobs import token_logprobs
@@ -175,7 +174,7 @@ class SFTTrainer:
         else:
             params = sharding.shard_state(params, mesh, rules)
             param_shardings = jax.tree.map(lambda x: x.sharding, params)
-            opt_shardings = jax.tree.map(lambda x: x.sharding, abstract_opt_state(optimizer, params))
+            opt_shardings = jax.tree.map(lambda x: x.sharding, sharding.abstract_opt_state(optimizer, params))
             opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
             self.state = TrainState.create(params, optimizer, seed=seed, opt_state=opt_state)
             self._step = jax.jit(self._train_step, donate_argnums=(0, 1),
