@@ -109,7 +109,8 @@ def _abstract_target(tree: Any) -> Any:
 
 
 def _shapes_by_key(tree: Any) -> dict[str, tuple[int, ...]]:
-    return {sharding_lib.dotted_path(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {sharding_lib.dotted_path(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def _check_structure(item: str, target: Any, saved_metadata: Any, step: int, path: str) -> None:

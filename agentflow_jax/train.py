@@ -77,8 +77,8 @@ def run(experiment: Experiment) -> RunSummary:
         raise ConfigError(f"{e.source or 'config'}: config.data.batch_size = {e.data.batch_size} queries cannot be "
                           f"shared by {jax.process_count()} processes; make it a multiple of {jax.process_count()}")
     tokenizer = load_tokenizer(e.model.tokenizer_spec)
-    model = hf_io.load_pretrained(e.model.path, dtype=jnp.dtype(e.model.dtype), param_dtype=jnp.dtype(e.model.storage_dtype),
-                                  mesh=mesh, remat=e.model.remat)
+    model = hf_io.load_pretrained(e.model.path, dtype=jnp.dtype(e.model.dtype),
+                                  param_dtype=jnp.dtype(e.model.storage_dtype), mesh=mesh, remat=e.model.remat)
     graphdef, params = nnx.split(model)
     train_data = load_queries(e.data.train_path)
     eval_records = spread_subset(load_queries(e.data.eval_path).records, e.eval.num_queries)

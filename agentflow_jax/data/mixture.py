@@ -139,8 +139,8 @@ def nq_row(row: Mapping[str, Any], index: int, kinds: Kinds) -> dict[str, Any] |
         return "no question"
     if not answer:
         return "no gold answer"
-    return {"pid": f"nq-{index if row.get('id') is None else row['id']}", "query": question, "answer": answer, "kind": kinds.search,
-            "source": "nq"}
+    return {"pid": f"nq-{index if row.get('id') is None else row['id']}", "query": question, "answer": answer,
+            "kind": kinds.search, "source": "nq"}
 
 
 def deepmath_row(row: Mapping[str, Any], index: int, kinds: Kinds) -> dict[str, Any] | str:
@@ -169,8 +169,8 @@ def reference_row(row: Mapping[str, Any], index: int, kinds: Kinds) -> dict[str,
     if not answer:
         return "no gold answer"
     kind = kinds.search if source == "nq" else kinds.of_math(answer)
-    return {"pid": f"{source}-{index if row.get('id') is None else row['id']}", "query": question, "answer": answer, "kind": kind,
-            "source": "nq" if source == "nq" else "deepmath"}
+    return {"pid": f"{source}-{index if row.get('id') is None else row['id']}", "query": question, "answer": answer,
+            "kind": kind, "source": "nq" if source == "nq" else "deepmath"}
 
 
 CONVERTERS: dict[str, Callable[[Mapping[str, Any], int, Kinds], dict[str, Any] | str]] = {

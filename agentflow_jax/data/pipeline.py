@@ -2,10 +2,10 @@
 
 A training query is a plain dict `{"pid": str, "query": str, "answer": str, "kind": str, ...}`:
 `kind` names the scorer (e.g. "judge" for search QA, "math"). Sources are JSON-lines files (or files
-holding one JSON list of objects) or lists of dicts with `query` (or `question`), `answer` (a string, a number, or a list joined with
-"; " as in SPEC section 3), and optional `pid` (or `id`) and `kind`. Any other field of a row
-(e.g. "qtype" and "tools", which evaluation breaks metrics down by, or "choices") is kept as it
-is. Rows without an answer or a query are skipped and counted, never silently dropped.
+holding one JSON list of objects) or lists of dicts with `query` (or `question`), `answer` (a string,
+a number, or a list joined with "; " as in SPEC section 3), and optional `pid` (or `id`) and
+`kind`. Any other field of a row (e.g. "qtype" and "tools", which evaluation breaks metrics down
+by, or "choices") is kept as it is. Rows without an answer or a query are skipped and counted, never silently dropped.
 
 The iterator is built on grain's `MapDataset`: the records are shuffled with the seed (a new order
 each epoch), repeated and cut into global batches, the same on every process; each process then

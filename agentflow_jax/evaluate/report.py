@@ -108,7 +108,8 @@ def markdown_table(summaries: Sequence[Mapping[str, Any]]) -> str:
     averages = [np.mean([100 * by_name[b]["accuracy"] for b in _group_members(g)]) for g in groups]
     lines.append("| " + " | ".join([f"**{OURS}**"] + ours + [f"{a:.1f}" for a in averages]) + " |")
     notes = [f"{s['title']}: {s['items']} items x {s['samples']} sample(s)" for s in summaries]
-    return "\n".join(lines) + "\n\nAccuracy in %; ours: mean ± standard deviation over samples. " + "; ".join(notes) + "\n"
+    legend = "Accuracy in %; ours: mean ± standard deviation over samples. "
+    return "\n".join(lines) + "\n\n" + legend + "; ".join(notes) + "\n"
 
 
 def _group_members(group: str) -> set[str]:

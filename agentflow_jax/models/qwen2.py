@@ -617,7 +617,8 @@ class Qwen2ForCausalLM(nnx.Module):
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
         return sharding.constrain(x, ("batch", "length", "embed"))
 
-    def _scan_layers(self, layer_fn: Callable[..., tuple[Array, Any]], x: Array, *per_layer: Array) -> tuple[Array, Any]:
+    def _scan_layers(self, layer_fn: Callable[..., tuple[Array, Any]], x: Array,
+                     *per_layer: Array) -> tuple[Array, Any]:
         """Runs `x, y_i = layer_fn(layer_i, x, *slices_i)` for i = 0..L-1 under one lax.scan.
 
         `per_layer` arrays have a leading layer axis and are sliced per layer (read-only); the

@@ -516,7 +516,8 @@ def parse_verdict(text: str) -> JudgeVerdict:
     """
     decided = _verdict_from_json(text)
     if decided is None:
-        labelled = [_decision(m[1].split()[0], text[:m.start(1)]) for m in _VERDICT_LABEL.finditer(text.replace("**", ""))]
+        matches = _VERDICT_LABEL.finditer(text.replace("**", ""))
+        labelled = [_decision(m[1].split()[0], text[:m.start(1)]) for m in matches]
         labelled = [d for d in labelled if d is not None]
         decided = labelled[-1] if labelled else None
     if decided is None:

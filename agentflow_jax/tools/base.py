@@ -92,7 +92,8 @@ class Tool(abc.ABC):
     def validate(self, arguments: Mapping[str, Any]) -> dict[str, Any]:
         """Checks `arguments` against the schema; returns them as a dict or raises ToolArgumentError."""
         if not isinstance(arguments, Mapping):
-            raise ToolArgumentError(f"{self.metadata.name}: arguments must be a JSON object, got {type(arguments).__name__}")
+            raise ToolArgumentError(f"{self.metadata.name}: arguments must be a JSON object, "
+                                    f"got {type(arguments).__name__}")
         known = {a.name: a for a in self.metadata.inputs}
         unknown = sorted(set(arguments) - set(known))
         if unknown:
@@ -100,7 +101,8 @@ class Tool(abc.ABC):
         for arg in self.metadata.inputs:
             if arg.name not in arguments:
                 if arg.required:
-                    raise ToolArgumentError(f"{self.metadata.name}: missing required argument {arg.name!r} ({arg.type})")
+                    raise ToolArgumentError(f"{self.metadata.name}: missing required argument "
+                                            f"{arg.name!r} ({arg.type})")
                 continue
             value = arguments[arg.name]
             is_bool = isinstance(value, bool)

@@ -11,8 +11,9 @@ caller's own cgroup (so the caller's limits still apply above it):
   bootstrap watches `memory.oom_control` through an eventfd and kills the run at the first OOM kill.
 
 The caller moves the bootstrap in (`add`) before the bootstrap starts anything, so every process
-of the run is inside; pids.max counts two more tasks than asked for, the bootstrap and init. Afterwards the caller reads what was hit (`limits_hit`), kills
-anything left (`kill_all`) and removes the directories (`remove`).
+of the run is inside; pids.max counts two more tasks than asked for, the bootstrap and init.
+Afterwards the caller reads what was hit (`limits_hit`), kills anything left (`kill_all`) and removes
+the directories (`remove`).
 
 `availability()` says, once per process, whether this works here and if not why (one line, with
 what to allow), without creating anything.

@@ -115,7 +115,8 @@ def evaluate_agent(world: World, *, planner: Engine, frozen: Engine, toolbox: To
     `planner_temperature`: accuracy overall, per kind and phrasing, and when the planner took the
     oracle's tools."""
     questions = spread_sample(world.heldout, num_questions)
-    rollout = dataclasses.replace(rollout, planner=dataclasses.replace(rollout.planner, temperature=planner_temperature))
+    planner_sampling = dataclasses.replace(rollout.planner, temperature=planner_temperature)
+    rollout = dataclasses.replace(rollout, planner=planner_sampling)
     start = time.perf_counter()
     result = evaluate_queries(query_records(questions), planner=planner, frozen=frozen, toolbox=toolbox,
                               rollout=rollout, batch_size=len(questions))
