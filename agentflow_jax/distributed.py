@@ -35,7 +35,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """Joins the run's processes (`jax.distributed.initialize`), before any JAX computation.
 
     Explicit arguments win; else the AGENTFLOW_COORDINATOR / AGENTFLOW_NUM_PROCESSES /
-    AGENTFLOW_PROCESS_ID variables; else JAX's own detection (TPU pods, SLURM jobs). CPU processes
+    AGENTFLOW_PROCESS_ID variables; else JAX's own detection of the cluster (SLURM jobs, or any
+    cluster JAX knows, e.g. Cloud TPU slices, when AGENTFLOW_DISTRIBUTED=auto). CPU processes
     exchange data through gloo. Nothing happens for a single process without any of these.
     """
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
@@ -45,7 +46,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
         raise UserError("multi-process runs need all of the coordinator address, the number of processes and this "
                         f"process's id (flags or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID})")
-    detected = any(key in os.environ for key in ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"))
+    detected = os.environ.get("AGENTFLOW_DISTRIBUTED") == "auto" or "SLURM_JOB_ID" in os.environ
     if coordinator_address is None and not detected:
         return
     if (os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or "") == "cpu":

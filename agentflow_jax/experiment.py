@@ -114,13 +114,17 @@ class ToolsSection:
 @dataclasses.dataclass(frozen=True)
 class RolloutSection:
     """Training rollouts: loop limits, the planner's sampling, the frozen modules' token budget and
-    the prompt shape (memory budget, compact tool list)."""
+    the prompt shape (memory budget, compact tool list). `planner_frequency_penalty` (the reference
+    samples its planner rollouts with 1.2) shapes what the planner samples; the PPO ratio still
+    compares the policy's own log-probs (`rl.loss`), so the penalty makes the rollouts slightly
+    off-policy, which the `sampler_old_abs_gap` metric shows."""
 
     max_turns: int = setting(3, min=1)
     max_time_s: float = setting(500.0, above=0.0)
     planner_temperature: float = setting(0.7, min=0.0)
     planner_top_p: float = setting(0.99, above=0.0, max=1.0)
     planner_max_new_tokens: int = setting(2048, min=1)
+    planner_frequency_penalty: float = setting(0.0, min=-2.0, max=2.0)
     frozen_max_new_tokens: int = setting(2048, min=1)
     memory_budget_chars: int = setting(12_000, min=1)
     compact_tools: bool = False
@@ -192,7 +196,8 @@ class Experiment:
         frozen = SamplingParams(max_new_tokens=r.frozen_max_new_tokens)
         temperature = e.planner_temperature if evaluation else r.planner_temperature
         planner = SamplingParams(max_new_tokens=r.planner_max_new_tokens, temperature=temperature,
-                                 top_p=r.planner_top_p if temperature > 0 else 1.0)
+                                 top_p=r.planner_top_p if temperature > 0 else 1.0,
+                                 frequency_penalty=0.0 if evaluation else r.planner_frequency_penalty)
         return RolloutConfig(max_turns=e.max_turns if evaluation else r.max_turns,
                              max_time_s=e.max_time_s if evaluation else r.max_time_s,
                              planner=planner, analysis=frozen, executor=frozen, verifier=frozen, generator=frozen,

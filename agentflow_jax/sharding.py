@@ -23,6 +23,8 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from agentflow_jax.errors import UserError
+
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -50,6 +52,10 @@ SAMPLING_RULES: Rules = tuple((name, None if name == "embed" else axes) for name
 RULE_PRESETS: dict[str, Rules] = {"training": TRAINING_RULES, "sampling": SAMPLING_RULES}
 
 
+class MeshError(UserError, ValueError):
+    """A mesh spec that names unknown axes or does not match the devices there are."""
+
+
 def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds a mesh such as {"data": 1, "fsdp": -1, "tensor": 2}.
 
@@ -59,23 +65,23 @@ def make_mesh(spec: Mapping[str, int], devices: Sequence[jax.Device] | None = No
     """
     unknown = sorted(set(spec) - set(MESH_AXES))
     if unknown:
-        raise ValueError(f"unknown mesh axes {unknown}; use names from {MESH_AXES}")
+        raise MeshError(f"unknown mesh axes {unknown}; use names from {MESH_AXES}")
     devices = list(jax.devices() if devices is None else devices)
     sizes = {name: int(spec.get(name, 1)) for name in MESH_AXES}
     fill = [n for n, s in sizes.items() if s == -1]
     if len(fill) > 1:
-        raise ValueError(f"only one mesh axis may be -1, got {fill}")
+        raise MeshError(f"only one mesh axis may be -1, got {fill}")
     if any(s == 0 or s < -1 for s in sizes.values()):
-        raise ValueError(f"mesh sizes must be positive or -1, got {dict(spec)}")
+        raise MeshError(f"mesh sizes must be positive or -1, got {dict(spec)}")
     known = math.prod(s for s in sizes.values() if s != -1)
     if fill:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into {dict(spec)}")
+            raise MeshError(f"{len(devices)} devices cannot be split into {dict(spec)}")
         sizes[fill[0]] = len(devices) // known
     total = math.prod(sizes.values())
     if total != len(devices):
-        raise ValueError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; "
-                         "use -1 for one axis to take the rest")
+        raise MeshError(f"mesh {sizes} needs {total} devices but {len(devices)} are available; use -1 for one "
+                        "axis to take the rest (e.g. --config.mesh.fsdp=-1) or pick the config's hardware (e.g. FILE.py:one)")
     shape = tuple(sizes[n] for n in MESH_AXES)
     try:
         grid = mesh_utils.create_device_mesh(shape, devices=devices)

@@ -39,7 +39,7 @@ def cases(tmp):
     aime = os.path.join(tmp, "aime24.jsonl")
     with open(aime, "w", encoding="utf-8") as f:
         f.write('{"pid": "0", "query": "What is 6 * 7?", "answer": "42"}\n')
-    evaluate = ["agentflow_jax.evaluate", f"--config={PAPER}", "--benchmark=aime24"]
+    evaluate = ["agentflow_jax.evaluate", f"--config={PAPER}:one", "--benchmark=aime24"]
     bad_sft = _config_file(tmp, "bad_sft.py", SFT, "config.batch.tokens_per_batchh = 4")
     chats = os.path.join(tmp, "chats.jsonl")
     bad_chats = os.path.join(tmp, "bad_chats.jsonl")
@@ -62,8 +62,11 @@ def cases(tmp):
                                             "config.rl has unknown key 'group_sise' (did you mean 'group_size'?)"),
         "train, missing config file": (["agentflow_jax.train", "--config=/nope/config.py"],
                                        "config file '/nope/config.py' does not exist"),
-        "train, missing model directory": (["agentflow_jax.train", f"--config={PAPER}", "--config.model.path=/nope/m"],
-                                           "model directory '/nope/m' does not exist"),
+        "train, missing model directory": (["agentflow_jax.train", f"--config={PAPER}:one",
+                                            "--config.model.path=/nope/m"], "model directory '/nope/m' does not exist"),
+        "train, a mesh larger than the machine": (["agentflow_jax.train", f"--config={PAPER}:h100x8"],
+                                                  "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} needs 8 devices but 1 are "
+                                                  "available"),
         "train, a toy config": (["agentflow_jax.train", f"--config={TINY}"], "run python -m agentflow_jax.toy"),
         "toy, misspelt override": (["agentflow_jax.toy", f"--config={TINY}", "--config.toy.world.num_citiess=3"],
                                    "names no such key: 'num_citiess'"),

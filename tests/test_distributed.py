@@ -134,6 +134,8 @@ def test_two_processes_equal_one_process_and_their_checkpoint_restores_on_anothe
     restored = TrainCheckpointer(workdir / "checkpoints").restore(params=target)
     reference = TrainCheckpointer(runs["fsdp8"] / "checkpoints").restore(params=target)
     assert restored.step == reference.step == 2
+    # Adam's normalised step turns summation-order differences in near-zero gradients into weight
+    # differences of a small fraction of the learning rate (1e-3); a failed restore differs by ~1e-2.
     for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(reference.params)):
         assert a.sharding.mesh.shape == other.shape
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

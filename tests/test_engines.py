@@ -279,3 +279,10 @@ def test_engine_from_spec_openai():
 def test_engine_from_spec_errors(spec, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         engine_from_spec(spec)
+
+
+def test_openai_sends_the_frequency_penalty_only_when_set(serve):
+    server = serve(replies_in_order((200, chat_answer("ok"), 0.0)))
+    client(server).generate([request("q", frequency_penalty=1.2), request("r")])
+    bodies = sorted((body for _, _, body in server.received), key=lambda b: b["messages"][0]["content"])
+    assert bodies[0]["frequency_penalty"] == 1.2 and "frequency_penalty" not in bodies[1]

@@ -142,13 +142,13 @@ def test_reshard_training_to_sampling_keeps_values(checkpoint):
 def test_make_mesh_shapes_and_errors():
     assert dict(sharding.make_mesh({"fsdp": -1, "tensor": 2}).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     assert dict(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    with pytest.raises(ValueError, match="unknown mesh axes"):
+    with pytest.raises(sharding.MeshError, match="unknown mesh axes"):
         sharding.make_mesh({"model": 8})
-    with pytest.raises(ValueError, match="only one mesh axis may be -1"):
+    with pytest.raises(sharding.MeshError, match="only one mesh axis may be -1"):
         sharding.make_mesh({"fsdp": -1, "tensor": -1})
-    with pytest.raises(ValueError, match="cannot be split"):
+    with pytest.raises(sharding.MeshError, match="cannot be split"):
         sharding.make_mesh({"fsdp": -1, "tensor": 3})
-    with pytest.raises(ValueError, match="needs 6 devices"):
+    with pytest.raises(sharding.MeshError, match="needs 6 devices"):
         sharding.make_mesh({"fsdp": 3, "tensor": 2})
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(sharding.MeshError, match="positive"):
         sharding.make_mesh({"fsdp": 0})

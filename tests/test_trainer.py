@@ -192,21 +192,6 @@ def test_planner_calls_without_token_ids_are_refused():
         turn_records([Trajectory(query_id=0, sample_id=0, memory=Memory("q"), turns=(turn,))], np.ones(1))
 
 
-def _load_config_file(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, os.path.join("experiments", "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def test_shipped_training_config_reads():
-    experiment = read_experiment(_load_config_file("qwen2_5_7b_flow_grpo.py"))
-    assert experiment.rl.group_size == 8 and experiment.optim.learning_rate == 1e-6
-    assert experiment.rl.loss.temperature == experiment.rollout.planner_temperature == 0.7
-
-
 def test_config_errors_name_the_file_section_and_key(tiny_run, tmp_path):
     def error(change):
         config = make_config(tiny_run, tmp_path)
@@ -237,3 +222,37 @@ def test_config_errors_name_the_file_section_and_key(tiny_run, tmp_path):
     assert error(lambda c: c.data.__delattr__("train_path")) == "my_config.py: config.data lacks key 'train_path'"
     assert error(lambda c: c.__setattr__("wandb", {"project": "x"})).startswith(
         "my_config.py: config has unknown key 'wandb'")
+
+
+def test_old_logprobs_are_the_policys_own_while_the_sampler_reports_the_penalised_distribution(tiny_run):
+    """With a frequency penalty the sampler's log-probs are of the penalised distribution it drew from;
+    the trainer's old log-probs (the ratio's denominator) are the unpenalised policy's at the rollout
+    temperature. Both are checked against log-softmaxes computed here from the model's logits."""
+    from agentflow_jax.engines import GenerationRequest
+
+    trainer = make_trainer(make_config(tiny_run, "/unused"), num_minibatches=1)
+    engine = trainer.planner_engine(seed=3)
+    penalty, temperature = 1.5, trainer.config.loss.temperature
+    requests = [GenerationRequest(messages=({"role": "user", "content": f"Plan step {i}."},), max_new_tokens=40,
+                                  temperature=temperature, frequency_penalty=penalty) for i in range(8)]
+    generations = engine.generate(requests)
+    records = [TurnRecord(i, i, g.prompt_ids, g.token_ids, g.logprobs, float(i % 2)) for i, g in enumerate(generations)]
+    minibatch = trainer.prepare_minibatches(records)[0]
+    model = nnx.merge(trainer.graphdef, trainer.params)
+    repeated = 0
+    for row, g in enumerate(generations):
+        ids = np.asarray(g.prompt_ids + g.token_ids)[None]
+        logits = np.asarray(model(ids), np.float64)[0, len(g.prompt_ids) - 1:-1]  # the steps that chose g.token_ids
+        counts = np.zeros(logits.shape[1])
+        for step, token in enumerate(g.token_ids):
+            policy = logits[step] / temperature
+            penalised = (logits[step] - penalty * counts) / temperature
+            log_softmax = lambda z: z - z.max() - np.log(np.exp(z - z.max()).sum())  # noqa: E731
+            np.testing.assert_allclose(g.logprobs[step], log_softmax(penalised)[token], atol=2e-4)
+            position = len(g.prompt_ids) - 1 + step
+            np.testing.assert_allclose(minibatch.old_logprobs[row, position], log_softmax(policy)[token], atol=2e-4)
+            repeated += counts[token] > 0
+            counts[token] += 1
+    assert repeated > 0  # some sampled token repeated, so the two distributions differ there
+    gaps = np.abs(minibatch.old_logprobs - minibatch.batch.sampler_logprobs)[minibatch.batch.loss_mask > 0]
+    assert gaps.max() > 0.1

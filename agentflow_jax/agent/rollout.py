@@ -40,17 +40,19 @@ from agentflow_jax.tools.base import ToolCall, Toolbox, ToolResult
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How one module samples: max_new_tokens, temperature (0 = greedy), top_p, top_k."""
+    """How one module samples: max_new_tokens, temperature (0 = greedy), top_p, top_k, frequency_penalty
+    (see `GenerationRequest`)."""
 
     max_new_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    frequency_penalty: float = 0.0
 
     def request(self, messages: Sequence[Any], sample_id: int | None = None) -> GenerationRequest:
         return GenerationRequest(messages=tuple(messages), max_new_tokens=self.max_new_tokens,
                                  temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                                 sample_id=sample_id)
+                                 frequency_penalty=self.frequency_penalty, sample_id=sample_id)
 
 
 @dataclasses.dataclass(frozen=True)

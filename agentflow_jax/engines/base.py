@@ -22,6 +22,8 @@ class GenerationRequest:
       temperature: 0 means greedy.
       top_p: nucleus mass kept (1.0 keeps everything).
       top_k: keep the k most likely tokens (0 disables).
+      frequency_penalty: subtracted from a token's logit once per earlier occurrence in this
+        generation, before temperature and truncation (vLLM / OpenAI semantics; 0 disables).
       sample_id: a stable id of this sample (e.g. its trajectory's index in the global batch) from
         which an in-process engine draws its randomness, so a sample does not depend on which other
         requests share its batch or on the process that runs it; None: its position in the call.
@@ -32,6 +34,7 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    frequency_penalty: float = 0.0
     sample_id: int | None = None
 
 
@@ -44,8 +47,8 @@ class Generation:
       finish_reason: "stop" (a stop token or end of message) or "length" (hit max_new_tokens).
       prompt_ids: exact prompt token ids fed to the model, when the engine knows them.
       token_ids: exact sampled token ids, when the engine knows them.
-      logprobs: log-prob of each sampled token under the sampling distribution, float32 values,
-        same length as token_ids.
+      logprobs: log-prob of each sampled token under the distribution it was drawn from (tempered,
+        frequency-penalised, before top-k / top-p truncation), float32 values, same length as token_ids.
     """
 
     text: str

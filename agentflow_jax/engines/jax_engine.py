@@ -69,14 +69,16 @@ class JaxEngine:
         results: list[Generation | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
-            key = (request.max_new_tokens, request.temperature, request.top_p, request.top_k)
+            key = (request.max_new_tokens, request.temperature, request.top_p, request.top_k,
+                   request.frequency_penalty)
             groups.setdefault(key, []).append(i)
-        for (max_new_tokens, temperature, top_p, top_k), indices in groups.items():
+        for (max_new_tokens, temperature, top_p, top_k, frequency_penalty), indices in groups.items():
             prompts = [tuple(self.tokenizer.encode_chat(requests[i].messages)) for i in indices]
             unique, n = _runs_of_equal_length(prompts)
             sample_ids = [requests[i].sample_id for i in indices]
             out = self.sampler.generate([list(p) for p in unique], max_new_tokens=max_new_tokens,
-                                        temperature=temperature, top_p=top_p, top_k=top_k, n=n,
+                                        temperature=temperature, top_p=top_p, top_k=top_k,
+                                        frequency_penalty=frequency_penalty, n=n,
                                         stop_token_ids=self.stop_token_ids, seed=self.next_seed(),
                                         sample_ids=None if None in sample_ids else sample_ids)
             for i, prompt, tokens, logprobs, reason in zip(indices, prompts, out.tokens, out.logprobs,

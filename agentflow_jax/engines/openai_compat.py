@@ -82,6 +82,8 @@ class OpenAIChatEngine:
         body: dict[str, Any] = {"model": self.model, "messages": [dict(m) for m in request.messages],
                                 "max_tokens": request.max_new_tokens, "temperature": request.temperature,
                                 "top_p": request.top_p}
+        if request.frequency_penalty:
+            body["frequency_penalty"] = request.frequency_penalty
         if request.top_k > 0:
             if not self.vllm_extras:
                 raise ValueError(f"top_k={request.top_k} is not supported by the OpenAI API; construct "

@@ -106,8 +106,12 @@ class LossInputs:
       loss_mask: [B, T] float32, 1 on response-token targets.
       token_weights: [B, T] float32, each token's weight in the full-batch loss (`token_weights`).
       advantages: [B] float32, one per row.
-      old_logprobs: [B, T] float32, the trainer's log-probs under the pre-update policy.
-      sampler_logprobs: [B, T] float32, the sampler's log-probs (metrics only).
+      old_logprobs: [B, T] float32, the trainer's log-probs of the sampled tokens under the pre-update
+        policy at the rollout temperature: log_softmax(logits / T), with no frequency penalty and no
+        top-k / top-p truncation. The PPO ratio compares the policy with itself.
+      sampler_logprobs: [B, T] float32, the sampler's log-probs: of the distribution the tokens were
+        drawn from (tempered and frequency-penalised), which differs from `old_logprobs` when the
+        rollouts use a penalty (metrics only: `sampler_old_abs_gap`).
       ref_logprobs: [B, T] float32 under the frozen reference, or None when no KL is needed.
     """
 
@@ -273,7 +277,8 @@ def policy_loss_from_logprobs(logp: Array, entropy: Array, inputs: LossInputs,
     select = lambda x: jnp.where(on_mask, x, 0.0)  # noqa: E731
     logp, entropy = select(logp), select(entropy)
     inputs = dataclasses.replace(inputs, old_logprobs=select(inputs.old_logprobs),
-                                 sampler_logprobs=select(inputs.sampler_logprobs), token_weights=select(inputs.token_weights),
+                                 sampler_logprobs=select(inputs.sampler_logprobs),
+                                 token_weights=select(inputs.token_weights),
                                  ref_logprobs=None if inputs.ref_logprobs is None else select(inputs.ref_logprobs))
     objective = clipped_policy_loss(logp, inputs.old_logprobs, inputs.advantages, config)
     kl = None if inputs.ref_logprobs is None else kl_divergence(logp, inputs.ref_logprobs, config)

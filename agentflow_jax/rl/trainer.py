@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import time
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -152,7 +153,8 @@ class FlowGRPOTrainer:
         self.rules, self.sampling_rules = sharding.rules_from(rules), sharding.rules_from(sampling_rules)
         self.sampling_mesh = None if mesh is None else distributed.local_mesh(mesh)
         self._to_sampling_layout = None if mesh is None else jax.jit(
-            lambda p: p, out_shardings=sharding.state_shardings(params, mesh, self.sampling_rules))
+            functools.partial(_cast_floats, dtype=nnx.merge(graphdef, params).dtype),
+            out_shardings=sharding.state_shardings(params, mesh, self.sampling_rules))
         # A copy: updates donate the policy's buffers, the reference must outlive them.
         self.ref_params = jax.tree.map(jnp.copy, params)
         self.optimizer = optimizer
@@ -192,7 +194,8 @@ class FlowGRPOTrainer:
 
     def sampling_params(self, params: nnx.State) -> nnx.State:
         """`params` in the sampling layout on this process's devices: one reshard on device (weights
-        replicated over the batch axes, so each process holds them whole), then its local copy."""
+        replicated over the batch axes, so each process holds them whole, and in the model's compute
+        dtype: bf16 weights for float32 masters), then its local copy. Without a mesh: `params`."""
         if self.mesh is None:
             return params
         moved = self._to_sampling_layout(params)
@@ -399,6 +402,11 @@ def minibatch_split(records: Sequence[TurnRecord], *, num_minibatches: int, mini
     else:
         chunks = np.array_split(np.arange(total), max(1, min(num_minibatches, total)))
     return [np.flatnonzero(np.isin(units + unit_offset, chunk)) for chunk in chunks]
+
+
+def _cast_floats(params: Any, *, dtype: Any) -> Any:
+    """Floating-point arrays of a pytree cast to `dtype` (what the model computes in); others unchanged."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
 def _round_up(value: int, multiple: int) -> int:

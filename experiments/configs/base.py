@@ -13,6 +13,28 @@ checked by `agentflow_jax.experiment.read_experiment` before any compute.
 import ml_collections
 from ml_collections import FieldReference
 
+FROZEN_SERVER = "openai:http://127.0.0.1:8000/v1,Qwen/Qwen2.5-7B-Instruct"
+
+# Meshes of the machines the shipped configs target (`for_hardware`); check a choice before renting
+# it with `python -m agentflow_jax.plan --config=FILE:HARDWARE --mesh=... --accelerator=...`.
+HARDWARE = {
+    "h100x8": {"fsdp": 8},   # one node of 8 H100 / H200 GPUs: FSDP over all of them
+    "v5p-8": {"fsdp": 4},    # a TPU v5p-8 slice: 4 chips
+    "one": {},               # one device
+}
+
+
+def for_hardware(config: ml_collections.ConfigDict, hardware: str) -> ml_collections.ConfigDict:
+    """`config` on one of HARDWARE's machines: its mesh, and micro-batches of one row per device."""
+    if hardware not in HARDWARE:
+        raise ValueError(f"unknown hardware {hardware!r}: use FILE.py:HARDWARE with HARDWARE in {sorted(HARDWARE)}")
+    config.mesh = ml_collections.ConfigDict(HARDWARE[hardware])
+    devices = 1
+    for size in HARDWARE[hardware].values():
+        devices *= size
+    config.rl.micro_batch_rows = max(devices, 1)
+    return config
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -29,11 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.remat = True                           # gradient checkpointing
     config.model.max_cache_length = 18_432 + 2_048      # max prompt + max response per call
 
-    # Who serves the frozen modules and the judge: "reference" (the planner's initial weights,
-    # in-process) or an engine spec, e.g. "openai:http://127.0.0.1:8000/v1,Qwen/Qwen2.5-7B-Instruct".
+    # Who serves the frozen modules and the judge: an OpenAI-compatible server (vLLM or SGLang beside
+    # the trainer, see BUILD_NOTES.md "Run the paper's config on a pod"), or "reference" (the planner's
+    # initial weights, in-process; per role: config.engines.roles = {"verifier": SPEC, ...}).
     config.engines = ml_collections.ConfigDict()
-    config.engines.frozen = "reference"
-    config.engines.judge = ""
+    config.engines.frozen = FROZEN_SERVER
+    config.engines.roles = ml_collections.ConfigDict()
+    config.engines.judge = FROZEN_SERVER   # the paper's judge is GPT-4o: any OpenAI-compatible endpoint
 
     config.data = ml_collections.ConfigDict()
     config.data.train_path = "/data/nq_deepmath_train.jsonl"   # NQ (79,168) + DeepMath-103K, shuffled
@@ -55,6 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rollout.planner_temperature = 0.7
     config.rollout.planner_top_p = 0.99
     config.rollout.planner_max_new_tokens = 2048
+    config.rollout.planner_frequency_penalty = 1.2   # (ref) vLLM's frequency penalty on planner rollouts
     config.rollout.frozen_max_new_tokens = 2048
     config.rollout.memory_budget_chars = 12_000
     config.rollout.compact_tools = False

@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     # copy names and numbers in minutes; "reference" makes the warm-started model serve every role
     # (then set toy.warm_start.roles to all roles).
     config.engines.frozen = "toy:ideal," + out + "/world"
+    config.engines.judge = ""                 # exact-match rewards: no judge
 
     config.data.train_path = out + "/world/train_queries.jsonl"
     config.data.eval_path = out + "/world/heldout_queries.jsonl"
@@ -56,6 +57,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rollout.planner_temperature = 1.0   # exploration; the warm start is greedy-biased
     config.rollout.planner_top_p = 1.0
     config.rollout.planner_max_new_tokens = 48
+    config.rollout.planner_frequency_penalty = 0.0
     config.rollout.frozen_max_new_tokens = 48  # used when the model itself serves the frozen roles
     config.rollout.memory_budget_chars = 1500
     config.rollout.compact_tools = True
