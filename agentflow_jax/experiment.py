@@ -41,7 +41,9 @@ REFERENCE_ENGINE = "reference"
 class ModelSection:
     """The planner. `path`: a local HF-format Qwen2 directory (never downloaded). `tokenizer`: "" for
     the model directory's own, "qwen2.5" for the offline Qwen2.5 BPE, a directory, or a SentencePiece
-    `.model` file. `param_dtype` "" = `dtype`."""
+    `.model` file. `param_dtype` "" = `dtype`. The samplers' KV cache: `max_cache_length` slots per
+    sequence, and at most `max_cache_rows` sequences per sampler call (0: all of a call's; a larger
+    call runs in consecutive parts with the same samples, `Sampler.max_rows`)."""
 
     path: str
     tokenizer: str = ""
@@ -49,6 +51,7 @@ class ModelSection:
     param_dtype: str = setting("", choices=("", "float32", "bfloat16"))
     remat: bool = False
     max_cache_length: int = setting(4096, min=2)
+    max_cache_rows: int = setting(0, min=0)
 
     def __post_init__(self):
         check_fields(self)

@@ -7,7 +7,8 @@ The model is built abstractly (shapes only, no weights in memory; the architectu
 directory's config.json, else the preset its name spells, e.g. "Qwen2.5-7B-Instruct", or --preset).
 On simulated devices (fake CPU devices shaped like --mesh), the step's programs are lowered and
 compiled ahead of time with the run's shardings: the rollout's prefill and decode at the config's
-rollout batch (queries x samples per query) and cache length, and the update (loss + gradient +
+rollout batch (queries x samples per query, at most `model.max_cache_rows` per sampler call) and
+cache length, and the update (loss + gradient +
 optimizer) at the micro-batch shape. Per device it prints the parameters, the optimizer state, the
 gradients, the sampling copies of the weights, the KV cache, the temporaries of each program (XLA's
 memory analysis), the peak of a step and the FLOPs per step, then one line:
@@ -178,7 +179,10 @@ def make_plan(experiment: Any, mesh_sizes: Mapping[str, int], accelerator: Accel
 
     # -- rollout: prefill of the step's prompts, decode of their n samples over the longest cache ------
     batch_shards = math.prod(mesh.shape[a] for a in _batch_axes("sampling") if a in mesh.shape)
-    prompts = buckets.batch_bucket(e.data.batch_size // jax.process_count(), multiple_of=batch_shards)
+    prompts = e.data.batch_size // jax.process_count()
+    if e.model.max_cache_rows:  # the sampler runs larger calls in consecutive parts (Sampler.max_rows)
+        prompts = min(prompts, max(1, e.model.max_cache_rows // e.rl.group_size))
+    prompts = buckets.batch_bucket(prompts, multiple_of=batch_shards)
     rows = prompts * e.rl.group_size
     capacity = buckets.length_bucket(e.rollout.planner_max_new_tokens)
     prompt_length = e.model.max_cache_length - capacity
@@ -250,7 +254,7 @@ def make_plan(experiment: Any, mesh_sizes: Mapping[str, int], accelerator: Accel
     flops_per_step = {"prefill": calls * forward, "decode": calls * sampled,
                       "update": calls * passes * sequence_flops(config, length, generated=0)}
     micro_batches = -(-calls // micro) * e.rl.ppo_epochs
-    notes.append(f"rollout at {e.data.batch_size} queries x {e.rl.group_size} samples ({rows} rows per process), "
+    notes.append(f"rollout at {e.data.batch_size} queries x {e.rl.group_size} samples ({rows} rows per sampler call), "
                  f"prompt {prompt_length} + {capacity} new tokens = {cache_length} cache slots; update micro-batch "
                  f"{micro} rows x {length} tokens, {micro_batches} per step")
     if devices == 1 and accelerator.description.startswith("NVIDIA"):

@@ -87,7 +87,7 @@ def run(experiment: Experiment) -> RunSummary:
     trainer = FlowGRPOTrainer(
         graphdef, params, tokenizer=tokenizer, toolbox_factory=e.tools.build,
         optimizer=make_optimizer(e.optim, total_steps=e.train.steps), config=e.rl, rollout=e.rollout_config(),
-        max_cache_length=e.model.max_cache_length, seed=e.seed,
+        max_cache_length=e.model.max_cache_length, max_cache_rows=e.model.max_cache_rows or None, seed=e.seed,
         frozen_engines=frozen_engines(e), judge=judge, data_iterator=iterator, mesh=mesh)
     # Several processes save synchronously: Orbax's asynchronous save waits at barriers that are device
     # collectives, and from its thread they can interleave with the next step's collectives in another

@@ -1,10 +1,14 @@
-"""Test session set-up: 8 fake CPU devices (must happen before JAX starts), float32 matmuls, and a
-session-wide persistent compilation cache (runs rebuilt from scratch by several tests share compiles)."""
+"""Test session set-up: 8 fake CPU devices with patient collectives (must happen before JAX starts),
+float32 matmuls, and a session-wide persistent compilation cache (runs rebuilt from scratch by several
+tests share compiles)."""
 
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight fake devices share two cores: under load, one device's thread can reach a collective long after
+# the others, and XLA ends the process once a rendezvous has waited 40 s (its default). Wait 15 minutes.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=900")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

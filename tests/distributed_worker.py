@@ -10,7 +10,8 @@ import os
 import pathlib
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+# A loaded machine can keep one device's thread from a collective for more than XLA's default 40 s.
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_cpu_collective_call_terminate_timeout_seconds=900"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

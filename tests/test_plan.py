@@ -1,5 +1,6 @@
-"""`python -m agentflow_jax.plan`: the paper's 7B run fits 8 H100s with its KV cache split 8 ways, does
-not fit one v5e (exit status 1, no crash), and bad arguments are one-line errors."""
+"""`python -m agentflow_jax.plan`: the paper's 7B run fits 8 H100s with its KV cache split 8 ways and a
+v5p-8 slice with its rollout sampled in halves, does not fit one v5e (exit status 1, no crash), and
+bad arguments are one-line errors."""
 
 import os
 import re
@@ -14,6 +15,7 @@ from agentflow_jax.models.config import preset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = os.path.join(ROOT, "experiments", "configs", "qwen2_5_7b_flow_grpo.py")
 CASES = {"fsdp8-h100": [f"--config={PAPER}:h100x8", "--mesh=fsdp:8", "--accelerator=h100-80gb"],
+         "fsdp4-v5p": [f"--config={PAPER}:v5p-8", "--mesh=fsdp:4", "--accelerator=v5p"],
          "fsdp1-v5e": [f"--config={PAPER}:one", "--mesh=fsdp:1", "--accelerator=v5e"]}
 
 
@@ -44,6 +46,16 @@ def test_the_paper_run_fits_eight_h100s_with_its_kv_cache_split_eight_ways(repor
                  "decode temporaries", "update temporaries"):
         assert _gib(report, line) > 0
     assert re.search(r"FLOPs per step .* total [\d.e+]+", report) and "step time at 40% MFU" in report
+
+
+def test_the_paper_run_fits_a_v5p_8_slice_sampling_its_rollout_in_halves(reports):
+    status, report, errors = reports["fsdp4-v5p"]
+    assert status == 0, errors[-2000:]
+    assert report.strip().splitlines()[-1].startswith("FITS v5p: ")
+    assert "(128 rows per sampler call)" in report
+    c = preset("qwen2.5-7b")
+    half = 2 * c.num_layers * 128 * c.num_kv_heads * 20480 * c.dim_per_head * 2 / 2**30
+    assert _gib(report, "KV cache (rollout)") <= half / 4 * 1.01
 
 
 def test_the_paper_run_does_not_fit_one_v5e(reports):

@@ -123,6 +123,28 @@ def test_sample_ids_make_a_sample_independent_of_its_batch(sampler):
         sampler.generate(PROMPTS[:2], n=2, sample_ids=[1, 1, 2, 3], **kwargs)
 
 
+def test_max_rows_splits_a_call_into_whole_prompts_with_the_same_samples(pair, sampler, monkeypatch):
+    """A sampler whose KV cache holds at most `max_rows` sequences runs a larger call in consecutive
+    parts of whole prompts and returns exactly the samples of one call."""
+    graphdef, params = nnx.split(pair[1])
+    bounded = Sampler.from_state(graphdef, params, max_cache_length=128, max_rows=5)
+    calls = []
+    prefill = bounded.prefill
+    monkeypatch.setattr(bounded, "prefill", lambda prompts, **kw: calls.append(len(prompts)) or prefill(prompts, **kw))
+    kwargs = dict(max_new_tokens=12, temperature=1.0, seed=4)
+    kwargs["stop_token_ids"] = (sampler.generate(PROMPTS, n=2, **kwargs).tokens[0][3],)  # ends row 0 early
+    for n, sample_ids, parts in [(2, None, [2, 1]), (2, [9, 8, 70, 71, 30, 31], [2, 1]), (7, None, [1, 1, 1])]:
+        calls.clear()
+        got = bounded.generate(PROMPTS, n=n, sample_ids=sample_ids, **kwargs)
+        expected = sampler.generate(PROMPTS, n=n, sample_ids=sample_ids, **kwargs)
+        assert calls == parts, n  # 5 rows: two prompts of 2 samples, or one prompt of 7 (over the bound)
+        assert got.tokens == expected.tokens and got.finish_reason == expected.finish_reason
+        np.testing.assert_allclose(np.concatenate(got.logprobs), np.concatenate(expected.logprobs), atol=1e-5)
+    assert len(got.tokens) == 21 and "stop" in bounded.generate(PROMPTS, n=2, **kwargs).finish_reason
+    with pytest.raises(ValueError, match="max_rows must be >= 1"):
+        Sampler.from_state(graphdef, params, max_cache_length=128, max_rows=0)
+
+
 def test_greedy_group_samples_equal_single_greedy(sampler):
     single = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0)
     group = sampler.generate(PROMPTS[:2], max_new_tokens=20, temperature=0.0, n=8, seed=5)

@@ -37,7 +37,7 @@ SHIPPED = ([("qwen2_5_7b_flow_grpo.py", hw, "qwen2.5-7b") for hw in HARDWARE]
 def test_shipped_config_reads_and_lays_out_on_its_mesh(name, argument, architecture):
     experiment = read_experiment(_module(name).get_config(argument), source=f"{name}:{argument}")
     hardware = argument.rpartition(",")[2]
-    assert dict(experiment.mesh) == _module("base.py").HARDWARE[hardware]
+    assert dict(experiment.mesh) == _module("base.py").HARDWARE[hardware][0]
     devices = math.prod(experiment.mesh.values()) if experiment.mesh else 1
     mesh = sharding.make_mesh(experiment.mesh or {"fsdp": 1}, jax.devices()[:devices])
 

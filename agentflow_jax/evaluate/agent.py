@@ -58,7 +58,8 @@ def build_agent(experiment: Experiment, source: PlannerSource, items: Sequence[M
         with TrainCheckpointer(source.checkpoint_dir, async_save=False) as checkpoints:
             params = checkpoints.restore(source.step, params=params).params
     tokenizer = load_tokenizer(e.model.tokenizer or source.model_dir or e.model.path)
-    sampler = Sampler.from_state(graphdef, params, max_cache_length=e.model.max_cache_length)
+    sampler = Sampler.from_state(graphdef, params, max_cache_length=e.model.max_cache_length,
+                                 max_rows=e.model.max_cache_rows or None)
 
     engines = frozen_engines(e)
     if any(engines[role] is None for role in FROZEN_ROLES):

@@ -37,6 +37,7 @@ that holds only some turns of a trajectory still weighs each turn by 1 / T_i as 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.nnx as nnx
@@ -389,12 +390,24 @@ def accumulate_gradients(value_and_grad: ValueAndGrad, params: Any,
     grads, loss, parts = None, None, []
     for microbatch in microbatches:
         (mb_loss, mb_metrics), mb_grads = value_and_grad(params, microbatch)
-        grads = mb_grads if grads is None else jax.tree.map(jnp.add, grads, mb_grads)
-        loss = mb_loss if loss is None else loss + mb_loss
+        grads, loss = (mb_grads, mb_loss) if grads is None else _add_to_sums((grads, loss), (mb_grads, mb_loss))
         parts.append(mb_metrics)
     if grads is None:
         raise ValueError("accumulate_gradients needs at least one micro-batch")
+    return AccumulatedGradients(grads=grads, loss=loss, metrics=combine_metrics(parts),
+                                is_finite=_all_finite(loss, grads))
+
+
+# One program each (not one per leaf): on a mesh every eager op is a multi-device launch. The sums'
+# buffers are reused in place.
+@functools.partial(jax.jit, donate_argnums=0)
+def _add_to_sums(sums: Any, terms: Any) -> Any:
+    return jax.tree.map(jnp.add, sums, terms)
+
+
+@jax.jit
+def _all_finite(loss: Array, grads: Any) -> Array:
     finite = jnp.isfinite(loss)
     for leaf in jax.tree.leaves(grads):
         finite = finite & jnp.all(jnp.isfinite(leaf))
-    return AccumulatedGradients(grads=grads, loss=loss, metrics=combine_metrics(parts), is_finite=finite)
+    return finite

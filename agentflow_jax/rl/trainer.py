@@ -124,6 +124,7 @@ class FlowGRPOTrainer:
       config: `TrainerConfig`; its loss temperature must be the planner's sampling temperature.
       rollout: loop limits and per-module sampling.
       max_cache_length: KV-cache slots per sequence of the samplers.
+      max_cache_rows: most sequences per sampler call (`Sampler.max_rows`; None: no limit).
       seed: base seed of the planner's sampling (`TrainState.step_seed`).
       frozen_engines: the engine of each frozen role ("analysis", "executor", "verifier", "generator",
         "tools": the tools' LLM), or one engine for all; a role without one (default: all) is served by
@@ -136,7 +137,7 @@ class FlowGRPOTrainer:
 
     def __init__(self, graphdef: nnx.GraphDef, params: nnx.State, *, tokenizer: Tokenizer, toolbox_factory,
                  optimizer: optax.GradientTransformation, config: TrainerConfig, rollout: RolloutConfig,
-                 max_cache_length: int = 4096, seed: int = 0,
+                 max_cache_length: int = 4096, max_cache_rows: int | None = None, seed: int = 0,
                  frozen_engines: Engine | Mapping[str, Engine | None] | None = None,
                  judge: LLMJudge | None = None, data_iterator: Any = None, mesh: Mesh | None = None,
                  rules: sharding.Rules | str = "training", sampling_rules: sharding.Rules | str = "sampling"):
@@ -164,7 +165,8 @@ class FlowGRPOTrainer:
             self.state = self.state.replace(opt_state=jax.jit(
                 optimizer.init, out_shardings=jax.tree.map(lambda x: x.sharding, target))(params))
         self.policy_sampler = Sampler.from_state(graphdef, self.sampling_params(params),
-                                                 max_cache_length=max_cache_length, mesh=self.sampling_mesh,
+                                                 max_cache_length=max_cache_length, max_rows=max_cache_rows,
+                                                 mesh=self.sampling_mesh,
                                                  rules=self.sampling_rules)
         if not isinstance(frozen_engines, Mapping):
             frozen_engines = dict.fromkeys(FROZEN_ROLES, frozen_engines)

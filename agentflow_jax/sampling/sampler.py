@@ -90,6 +90,9 @@ class Sampler:
     Args:
       model: a `Qwen2ForCausalLM` (its parameters are used, not copied, unless placed on `mesh`).
       max_cache_length: most slots a sequence may use (prompt + generated tokens).
+      max_rows: most sequences (prompts x n) one `generate` call keeps in its KV cache; a larger
+        call runs as consecutive calls over whole prompts (at least one prompt's n samples each)
+        and returns the same samples (None: no limit). It bounds the rollout's cache memory.
       mesh: optional device mesh; parameters are placed with `rules` and the batch is sharded
         over the mesh axes the rules give to "batch" (data and fsdp by default).
       rules: sharding rules table or preset name (default "sampling": weights tensor-parallel,
@@ -103,28 +106,32 @@ class Sampler:
         whose sharded weights need no repacking).
     """
 
-    def __init__(self, model: nnx.Module, *, max_cache_length: int = 4096, mesh: Mesh | None = None,
-                 rules: sharding.Rules | str = "sampling", row_blocks: bool | None = None,
+    def __init__(self, model: nnx.Module, *, max_cache_length: int = 4096, max_rows: int | None = None,
+                 mesh: Mesh | None = None, rules: sharding.Rules | str = "sampling", row_blocks: bool | None = None,
                  kernels: kernels_lib.Kernels | None = None):
         graphdef, params = nnx.split(model)
-        self._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules,
+        self._setup(graphdef, params, max_cache_length=max_cache_length, max_rows=max_rows, mesh=mesh, rules=rules,
                     row_blocks=row_blocks, kernels=kernels)
 
     @classmethod
     def from_state(cls, graphdef: nnx.GraphDef, params: nnx.State, *, max_cache_length: int = 4096,
-                   mesh: Mesh | None = None, rules: sharding.Rules | str = "sampling",
+                   max_rows: int | None = None, mesh: Mesh | None = None, rules: sharding.Rules | str = "sampling",
                    row_blocks: bool | None = None, kernels: kernels_lib.Kernels | None = None) -> "Sampler":
         """A sampler for `nnx.split(model)` parts (e.g. the trainer's graphdef and policy params)."""
         sampler = cls.__new__(cls)
-        sampler._setup(graphdef, params, max_cache_length=max_cache_length, mesh=mesh, rules=rules,
-                       row_blocks=row_blocks, kernels=kernels)
+        sampler._setup(graphdef, params, max_cache_length=max_cache_length, max_rows=max_rows, mesh=mesh,
+                       rules=rules, row_blocks=row_blocks, kernels=kernels)
         return sampler
 
-    def _setup(self, graphdef: nnx.GraphDef, params: nnx.State, *, max_cache_length: int, mesh: Mesh | None,
-               rules: sharding.Rules | str, row_blocks: bool | None, kernels: kernels_lib.Kernels | None) -> None:
+    def _setup(self, graphdef: nnx.GraphDef, params: nnx.State, *, max_cache_length: int, max_rows: int | None,
+               mesh: Mesh | None, rules: sharding.Rules | str, row_blocks: bool | None,
+               kernels: kernels_lib.Kernels | None) -> None:
         if max_cache_length < 2:
             raise ValueError(f"max_cache_length must be >= 2 (a prompt token and a new token), got {max_cache_length}")
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 or None (no limit), got {max_rows}")
         self.max_cache_length = max_cache_length
+        self.max_rows = max_rows
         self.mesh = mesh
         self.rules = sharding.rules_from(rules)
         model = nnx.merge(graphdef, params)
@@ -215,8 +222,19 @@ class Sampler:
         if not 0 <= seed < _MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32), got {seed}")
         stop_ids = self._stop_id_array(stop_token_ids)
-        return self._decode(self.prefill(prompts, n=n, max_new_tokens=max_new_tokens), rule, stop_ids, seed,
-                            max_new_tokens, sample_ids)
+        per_call = len(prompts) if self.max_rows is None else max(1, self.max_rows // max(n, 1))
+        if per_call >= len(prompts):
+            return self._decode(self.prefill(prompts, n=n, max_new_tokens=max_new_tokens), rule, stop_ids, seed,
+                                max_new_tokens, sample_ids)
+        # Consecutive calls of whole prompts; each sample keeps its id, so its draws do not change.
+        ids = _row_sample_ids(sample_ids, len(prompts) * n, len(prompts) * n)
+        parts = [self._decode(self.prefill(prompts[start:start + per_call], n=n, max_new_tokens=max_new_tokens),
+                              rule, stop_ids, seed, max_new_tokens,
+                              ids[start * n:(start + per_call) * n].tolist())
+                 for start in range(0, len(prompts), per_call)]
+        return SamplerOutput(tokens=[t for p in parts for t in p.tokens],
+                             logprobs=[lp for p in parts for lp in p.logprobs],
+                             finish_reason=[r for p in parts for r in p.finish_reason])
 
     def decode(self, prefilled: Prefilled, *, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                top_k: int = 0, frequency_penalty: float = 0.0, stop_token_ids: Sequence[int] = (),

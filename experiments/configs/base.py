@@ -15,24 +15,29 @@ from ml_collections import FieldReference
 
 FROZEN_SERVER = "openai:http://127.0.0.1:8000/v1,Qwen/Qwen2.5-7B-Instruct"
 
-# Meshes of the machines the shipped configs target (`for_hardware`); check a choice before renting
-# it with `python -m agentflow_jax.plan --config=FILE:HARDWARE --mesh=... --accelerator=...`.
+# The machines the shipped configs target (`for_hardware`): the mesh, and where the rollout's KV
+# cache would not fit in one sampler call, the most sequences per call (model.max_cache_rows; 0:
+# all). Check a choice before renting it:
+# `python -m agentflow_jax.plan --config=FILE:HARDWARE --mesh=... --accelerator=...`.
 HARDWARE = {
-    "h100x8": {"fsdp": 8},   # one node of 8 H100 / H200 GPUs: FSDP over all of them
-    "v5p-8": {"fsdp": 4},    # a TPU v5p-8 slice: 4 chips
-    "one": {},               # one device
+    "h100x8": ({"fsdp": 8}, 0),     # one node of 8 H100 / H200 GPUs: FSDP over all of them
+    "v5p-8": ({"fsdp": 4}, 128),    # a TPU v5p-8 slice: 4 chips of 95 GB; the rollout in halves
+    "one": ({}, 0),                 # one device
 }
 
 
 def for_hardware(config: ml_collections.ConfigDict, hardware: str) -> ml_collections.ConfigDict:
-    """`config` on one of HARDWARE's machines: its mesh, and micro-batches of one row per device."""
+    """`config` on one of HARDWARE's machines: its mesh and cache rows, and micro-batches of one row
+    per device."""
     if hardware not in HARDWARE:
         raise ValueError(f"unknown hardware {hardware!r}: use FILE.py:HARDWARE with HARDWARE in {sorted(HARDWARE)}")
-    config.mesh = ml_collections.ConfigDict(HARDWARE[hardware])
+    mesh, cache_rows = HARDWARE[hardware]
+    config.mesh = ml_collections.ConfigDict(mesh)
+    config.model.max_cache_rows = cache_rows
     devices = 1
-    for size in HARDWARE[hardware].values():
+    for size in mesh.values():
         devices *= size
-    config.rl.micro_batch_rows = max(devices, 1)
+    config.rl.micro_batch_rows = devices
     return config
 
 
@@ -50,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.param_dtype = "float32"                # float32 master weights, bf16 compute
     config.model.remat = True                           # gradient checkpointing
     config.model.max_cache_length = 18_432 + 2_048      # max prompt + max response per call
+    config.model.max_cache_rows = 0                     # sequences per sampler call (0: all of a call's)
 
     # Who serves the frozen modules and the judge: an OpenAI-compatible server (vLLM or SGLang beside
     # the trainer, see BUILD_NOTES.md "Run the paper's config on a pod"), or "reference" (the planner's
