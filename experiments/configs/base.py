@@ -18,11 +18,14 @@ FROZEN_SERVER = "openai:http://127.0.0.1:8000/v1,Qwen/Qwen2.5-7B-Instruct"
 # The machines the shipped configs target (`for_hardware`): the mesh, and where the rollout's KV
 # cache would not fit in one sampler call, the most sequences per call (model.max_cache_rows; 0:
 # all). Check a choice before renting it:
-# `python -m agentflow_jax.plan --config=FILE:HARDWARE --mesh=... --accelerator=...`.
+# `python -m agentflow_jax.plan --config=FILE:HARDWARE --mesh=... --accelerator=...`. Every axis is
+# spelt out so that a command line can move devices between them (--config.mesh.tensor=2 ...).
 HARDWARE = {
-    "h100x8": ({"fsdp": 8}, 0),     # one node of 8 H100 / H200 GPUs: FSDP over all of them
-    "v5p-8": ({"fsdp": 4}, 128),    # a TPU v5p-8 slice: 4 chips of 95 GB; the rollout in halves
-    "one": ({}, 0),                 # one device
+    # one node of 8 H100 / H200 GPUs: FSDP over all of them
+    "h100x8": ({"data": 1, "fsdp": 8, "tensor": 1}, 0),
+    # a TPU v5p-8 slice: 4 chips of 95 GB; the rollout in halves
+    "v5p-8": ({"data": 1, "fsdp": 4, "tensor": 1}, 128),
+    "one": ({}, 0),  # one device, no mesh
 }
 
 
