@@ -27,7 +27,7 @@ RUNTIME = [
 EXTRAS = {
     # torch is for parity tests against transformers only; 2.13.0 is the CPU build cached here.
     # nbclient, nbformat and ipykernel execute the Colab notebook (tests/test_notebook.py).
-    "test": ["pytest>=8", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
     "tools": ["bm25s>=0.2"],
     "dev": ["ruff", "pytest>=8", "torch==2.13.0"],
 }

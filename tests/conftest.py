@@ -14,5 +14,19 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="agentflow_test_jax_cache_"))
+# One cache for the session's worker processes too (pytest-xdist workers inherit the variable).
+jax.config.update("jax_compilation_cache_dir", os.environ.setdefault(
+    "AGENTFLOW_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="agentflow_test_jax_cache_")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+# Modules that take a minute or more, started first so that parallel workers (README: `-n`) finish
+# together instead of one of them starting a long module last.
+LONG_MODULES = ("test_distributed", "test_toy_warm_start", "test_trainer", "test_notebook", "test_plan", "test_cli",
+                "test_jax_engine", "test_sft")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.module.__name__.rpartition(".")[2] if item.module else ""
+        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
+    items.sort(key=rank)  # stable: the order inside each module is kept
