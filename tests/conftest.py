@@ -15,8 +15,9 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 # One cache for the session's worker processes too (pytest-xdist workers inherit the variable).
-jax.config.update("jax_compilation_cache_dir", os.environ.setdefault(
-    "AGENTFLOW_TEST_JAX_CACHE", tempfile.mkdtemp(prefix="agentflow_test_jax_cache_")))
+if "AGENTFLOW_TEST_JAX_CACHE" not in os.environ:
+    os.environ["AGENTFLOW_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="agentflow_test_jax_cache_")
+jax.config.update("jax_compilation_cache_dir", os.environ["AGENTFLOW_TEST_JAX_CACHE"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Modules that take a minute or more, started first so that parallel workers (README: `-n`) finish
