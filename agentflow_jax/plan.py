@@ -55,6 +55,7 @@ from agentflow_jax.optim import make_optimizer
 from agentflow_jax.rl import loss as loss_lib
 from agentflow_jax.rl.trainer import FROZEN_ROLES
 from agentflow_jax.sampling import buckets, loop, rules
+from agentflow_jax.sampling.sampler import prompts_per_call
 from agentflow_jax.sharding import MESH_AXES
 
 _CONFIG = cli.config_flag()
@@ -179,9 +180,8 @@ def make_plan(experiment: Any, mesh_sizes: Mapping[str, int], accelerator: Accel
 
     # -- rollout: prefill of the step's prompts, decode of their n samples over the longest cache ------
     batch_shards = math.prod(mesh.shape[a] for a in _batch_axes("sampling") if a in mesh.shape)
-    prompts = e.data.batch_size // jax.process_count()
-    if e.model.max_cache_rows:  # the sampler runs larger calls in consecutive parts (Sampler.max_rows)
-        prompts = min(prompts, max(1, e.model.max_cache_rows // e.rl.group_size))
+    prompts = prompts_per_call(e.data.batch_size // jax.process_count(), e.rl.group_size,
+                               e.model.max_cache_rows or None)  # larger calls run in parts (Sampler.max_rows)
     prompts = buckets.batch_bucket(prompts, multiple_of=batch_shards)
     rows = prompts * e.rl.group_size
     capacity = buckets.length_bucket(e.rollout.planner_max_new_tokens)

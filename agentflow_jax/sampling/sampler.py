@@ -222,7 +222,7 @@ class Sampler:
         if not 0 <= seed < _MAX_SEED:
             raise ValueError(f"seed must be in [0, 2**32), got {seed}")
         stop_ids = self._stop_id_array(stop_token_ids)
-        per_call = len(prompts) if self.max_rows is None else max(1, self.max_rows // max(n, 1))
+        per_call = prompts_per_call(len(prompts), n, self.max_rows)
         if per_call >= len(prompts):
             return self._decode(self.prefill(prompts, n=n, max_new_tokens=max_new_tokens), rule, stop_ids, seed,
                                 max_new_tokens, sample_ids)
@@ -383,6 +383,14 @@ class Sampler:
             raise ValueError(f"stop_token_ids must be non-negative, got {ids}")
         size = max(8, 1 << max(len(ids) - 1, 0).bit_length())
         return jnp.asarray(ids + [-1] * (size - len(ids)), jnp.int32)
+
+
+def prompts_per_call(num_prompts: int, n: int, max_rows: int | None) -> int:
+    """How many of `num_prompts` prompts (n samples each) one sampler call takes when its KV cache
+    holds at most `max_rows` sequences (None: all of them); at least one prompt."""
+    if max_rows is None:
+        return num_prompts
+    return min(num_prompts, max(1, max_rows // max(n, 1)))
 
 
 def _row_sample_ids(sample_ids: Sequence[int] | None, samples: int, rows: int) -> np.ndarray:
